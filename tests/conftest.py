@@ -1,0 +1,256 @@
+"""Shared fixtures: the real embedded model, a tiny random model, scripted engines.
+
+Three tiers (see each test module's header): pure functions; the HTTP
+connection loop over real loopback sockets with a scripted engine for timing
+and fault cases; the real SmolLM2 end to end through a real server process.
+"""
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from engine import Accepted, Failed, Finished, TextDelta  # noqa: E402
+from pensieve import Config, Server  # noqa: E402
+
+API_KEY = "pensieve-local-token"
+
+
+# --- Models -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """A fresh model cache for the session, so the first-run import is exercised."""
+    return tmp_path_factory.mktemp("pensieve-cache")
+
+
+@pytest.fixture(scope="session")
+def smollm_dir(cache_dir):
+    """The embedded SmolLM2-135M-Instruct, imported from its GGUF into MLX."""
+    from engine.models import embedded_gguf, imported_dir
+
+    return imported_dir(embedded_gguf(), cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(smollm_dir, tmp_path_factory):
+    """A 2-layer random-weight llama with SmolLM2's real tokenizer and template.
+
+    Fast enough for engine tests; its text is gibberish but deterministic
+    under greedy sampling. Context window 256 so overflow is cheap to reach.
+    """
+    import shutil
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama
+
+    out = tmp_path_factory.mktemp("tiny-model")
+    config = {
+        "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
+        "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5, "vocab_size": 49152, "rope_theta": 10000.0,
+        "max_position_embeddings": 256, "tie_word_embeddings": True,
+    }
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    mx.save_safetensors(str(out / "model.safetensors"),
+                        dict(tree_flatten(model.parameters())))
+    (out / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm_dir / name, out / name)
+    return out
+
+
+# --- Servers ------------------------------------------------------------------
+
+
+class ServerThread:
+    """A Server running on its own event loop in a background thread."""
+
+    def __init__(self, config, engine=None):
+        self.server = Server(config, engine=engine)
+        self._ready = threading.Event()
+        self.error = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        async def main():
+            self.server.started = asyncio.Event()
+            waiter = asyncio.create_task(self.server.started.wait())
+            waiter.add_done_callback(lambda _: self._ready.set())
+            await self.server.serve()
+
+        try:
+            asyncio.run(main())
+        except BaseException as e:  # surfaced by start()
+            self.error = e
+        finally:
+            self._ready.set()
+
+    def start(self, timeout=120):
+        self.thread.start()
+        self._ready.wait(timeout)
+        if self.error is not None:
+            raise self.error
+        return self
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server.port}"
+
+    @property
+    def port(self):
+        return self.server.port
+
+    def stop(self):
+        self.server.stop()
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_model_dir):
+    """The real engine on the tiny random model, in-process."""
+    srv = ServerThread(Config(host="127.0.0.1", port=0, model=str(tiny_model_dir),
+                              cpu_weights="stored")).start()
+    yield srv
+    srv.stop()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url, proc, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if json.load(r)["status"] == "healthy":
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError("server did not become healthy")
+
+
+@pytest.fixture(scope="session")
+def real_server(cache_dir, smollm_dir):
+    """``python pensieve.py`` on the embedded SmolLM2, as a user starts it."""
+    port = free_port()
+    env = {**os.environ, "PENSIEVE_CACHE_DIR": str(cache_dir),
+           "PENSIEVE_PORT": str(port), "PYTHONUNBUFFERED": "1"}
+    log = open(cache_dir / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "pensieve.py")], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+# --- A scripted engine for timing and fault cases ------------------------------
+
+
+@dataclass(frozen=True)
+class FakeModel:
+    name: str = "scripted"
+    context_window: int = 1000
+    device: str = "cpu"
+    weights: str = "none"
+
+
+class FakeJob:
+    def __init__(self, request):
+        self.request = request
+        self.cancelled = threading.Event()
+
+    def cancel(self):
+        self.cancelled.set()
+
+
+class ScriptedEngine:
+    """Engine stand-in whose output is a script: a list of messages and delays.
+
+    ``script(request)`` returns items: engine messages to deliver, or numbers
+    (seconds to sleep). Each job runs on its own thread; ``jobs`` records them.
+    """
+
+    def __init__(self, script=None):
+        self.script = script or (lambda request: [
+            Accepted(3, request.max_tokens), TextDelta("Hello"), TextDelta(" world"),
+            Finished("end_turn", None, 3, 2, 0.0, 0.0)])
+        self.jobs = []
+        self.waiting = 0
+
+    def start(self):
+        pass
+
+    def wait_loaded(self, timeout=None):
+        return FakeModel()
+
+    def stop(self, timeout=None):
+        pass
+
+    def stats(self):
+        return {"running": 0, "waiting": self.waiting}
+
+    def submit(self, request, deliver):
+        job = FakeJob(request)
+        self.jobs.append(job)
+
+        def run():
+            for item in self.script(request):
+                if job.cancelled.is_set():
+                    return
+                if isinstance(item, (int, float)):
+                    job.cancelled.wait(item)
+                else:
+                    deliver(item)
+
+        threading.Thread(target=run, daemon=True).start()
+        return job
+
+
+@pytest.fixture
+def scripted():
+    """Start a server on a ScriptedEngine: ``srv = scripted(script)``."""
+    servers = []
+
+    def start(script=None, **config):
+        engine = ScriptedEngine(script)
+        srv = ServerThread(Config(host="127.0.0.1", port=0, **config),
+                           engine=engine).start()
+        srv.engine = engine
+        servers.append(srv)
+        return srv
+
+    yield start
+    for srv in servers:
+        srv.stop()
+
+
+__all__ = ["API_KEY", "Accepted", "Failed", "Finished", "TextDelta"]

