@@ -87,6 +87,7 @@ ERROR_TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "request_too_large",
+    431: "request_too_large",
     500: "api_error",
     529: "overloaded_error",
 }
@@ -404,6 +405,10 @@ class HttpConnection:
             try:
                 data = await asyncio.wait_for(self.reader.read(READ_CHUNK_BYTES),
                                               timeout)
+            except asyncio.TimeoutError:
+                # Listed first: from Python 3.11 it is the builtin TimeoutError,
+                # a subclass of OSError, and the caller decides what a stall means.
+                raise
             except (ConnectionError, OSError) as e:
                 raise ClientGone() from e
             self.conn.receive_data(data)
@@ -419,14 +424,14 @@ class HttpConnection:
             self.conn.send_failed()
             raise ClientGone() from e
 
-    async def respond(self, status, body=None, headers=(), content_type=b"application/json"):
-        """Send a complete response; ``body`` is a dict (JSON) or None."""
+    async def respond(self, status, body=None, headers=(), head=False):
+        """Send a complete JSON response; ``head``: headers only, as for HEAD."""
         payload = b"" if body is None else json.dumps(body).encode()
-        hdrs = [(b"content-type", content_type), *headers,
+        hdrs = [(b"content-type", b"application/json"), *headers,
                 (b"content-length", str(len(payload)).encode())]
         await self.send(h11.Response(status_code=status, headers=self.headers(hdrs),
                                      reason=reason_phrase(status)))
-        if payload and self.conn.our_state is h11.SEND_BODY:
+        if payload and not head:
             await self.send(h11.Data(data=payload))
         await self.send(h11.EndOfMessage())
 
@@ -461,6 +466,8 @@ class HttpConnection:
                     await self.handle(event)
                 elif isinstance(event, h11.ConnectionClosed):
                     return
+                if self.conn.their_state is h11.ERROR:
+                    return
                 if self.conn.their_state is h11.SEND_BODY:
                     # Answered without reading the body (401, 413): drop the
                     # rest so the client reads our answer, then close.
@@ -474,7 +481,10 @@ class HttpConnection:
         except Exception:
             log.exception("connection handler failed (%s)", self.request_id)
             if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                await self.respond_error(ApiError(500, "internal server error"))
+                try:
+                    await self.respond_error(ApiError(500, "internal server error"))
+                except ClientGone:
+                    pass
         finally:
             self.writer.close()
 
@@ -482,8 +492,8 @@ class HttpConnection:
         self.request_id = self.request_id or new_request_id()
         if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             status = error.error_status_hint
-            if status == 413:
-                message = "request head too large"
+            if status == 431:  # h11's hint when the head outgrows MAX_HEAD_BYTES
+                message = f"request head exceeds {MAX_HEAD_BYTES} bytes"
             else:
                 message = f"malformed HTTP request: {error}"
             try:
@@ -514,6 +524,10 @@ class HttpConnection:
         target = request.target.decode("ascii", "replace")
         path = target.split("?", 1)[0]
         try:
+            # h11 bounds a head only while it is incomplete; one that arrives
+            # in a single read is measured here.
+            if sum(len(k) + len(v) for k, v in request.headers) > MAX_HEAD_BYTES:
+                raise ApiError(431, f"request head exceeds {MAX_HEAD_BYTES} bytes")
             if not _has_body(request):
                 # Take the (empty) body now, so every answer, errors included,
                 # leaves the connection ready for the next request.
@@ -521,11 +535,15 @@ class HttpConnection:
             await self.server.route(self, method, path, request)
         except ApiError as e:
             await self.respond_error(e)
+        except h11.RemoteProtocolError as e:  # a malformed body (bad chunk size)
+            await self._answer_bad_request(e)
         log.debug("%s %s %s %.1f ms", self.request_id, method, target,
                   (time.perf_counter() - started) * 1000)
 
     async def read_body(self, request):
-        """The whole request body, bounded by MAX_BODY_BYTES."""
+        """The whole request body, bounded by MAX_BODY_BYTES (b"" once read)."""
+        if self.conn.their_state is not h11.SEND_BODY:
+            return b""
         length = _header(request, b"content-length")
         if length is not None and int(length) > MAX_BODY_BYTES:
             raise ApiError(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
@@ -586,7 +604,7 @@ class Server:
     def __init__(self, config=None, engine=None):
         self.config = config or Config()
         self.engine = engine
-        self.started = None  # an asyncio.Event, set once listening
+        self.started = asyncio.Event()  # set once listening
         self.port = None
         self._stopping = None
         self._loop = None
@@ -596,7 +614,6 @@ class Server:
 
     async def serve(self):
         self._loop = asyncio.get_running_loop()
-        self.started = self.started or asyncio.Event()
         self._stopping = asyncio.Event()
         if self.engine is None:
             from engine import Engine
@@ -641,7 +658,7 @@ class Server:
     async def route(self, http, method, path, request):
         routes = {
             "/": {"GET": self.root, "HEAD": self.root},
-            "/health": {"GET": self.health},
+            "/health": {"GET": self.health, "HEAD": self.health},
             "/v1/messages": {"POST": self.messages},
         }
         if path not in routes:
@@ -655,10 +672,10 @@ class Server:
 
     async def root(self, http, request):
         body = {"name": "pensieve", "status": "ok", "api": "/v1/messages"}
-        await http.respond(200, None if request.method == b"HEAD" else body)
+        await http.respond(200, body, head=request.method == b"HEAD")
 
     async def health(self, http, request):
-        await http.respond(200, self.health_status())
+        await http.respond(200, self.health_status(), head=request.method == b"HEAD")
 
     def health_status(self):
         model = self._model
@@ -701,6 +718,9 @@ class Server:
         finally:
             job.cancel()
             watcher.cancel()
+            # Wait for the watcher to leave reader.read(): the connection loop
+            # reads next, and a stream allows one reader at a time.
+            await asyncio.wait([watcher])
 
     async def _complete(self, http, parsed, queue):
         parts = []
@@ -710,6 +730,7 @@ class Server:
                 parts.append(msg.text)
             elif isinstance(msg, Finished):
                 body = message_body(new_message_id(), parsed.model, "".join(parts), msg)
+                _log_finished(http.request_id, msg)
                 return await http.respond(200, body)
             elif isinstance(msg, _Disconnected):
                 raise ClientGone()
@@ -729,6 +750,7 @@ class Server:
             if isinstance(msg, TextDelta):
                 await http.send(h11.Data(data=stream_delta_event(msg.text)))
             elif isinstance(msg, Finished):
+                _log_finished(http.request_id, msg)
                 for event in stream_end_events(msg):
                     await http.send(h11.Data(data=event))
                 break
@@ -741,6 +763,12 @@ class Server:
                     error.type, error.message, http.request_id)))
                 break
         await http.send(h11.EndOfMessage())
+
+
+def _log_finished(request_id, done):
+    log.info("%s done: %d prompt + %d output tokens, engine ttft %.1f ms, "
+             "%.1f tok/s, %s", request_id, done.input_tokens, done.output_tokens,
+             done.time_to_first_token * 1000, done.decode_tps, done.stop_reason)
 
 
 def _engine_error(failed):

@@ -89,7 +89,6 @@ class ServerThread:
 
     def _run(self):
         async def main():
-            self.server.started = asyncio.Event()
             waiter = asyncio.create_task(self.server.started.wait())
             waiter.add_done_callback(lambda _: self._ready.set())
             await self.server.serve()

@@ -1,0 +1,601 @@
+"""The HTTP connection loop over real loopback sockets, with a scripted engine.
+
+Covers routing, request ids, auth (checked before the body is read), request
+validation, body and head limits, malformed HTTP fed whole and byte by byte,
+keep-alive, SSE framing and event order (raw and through the anthropic SDK),
+engine failures before and after the stream starts, disconnects that cancel
+the engine job, overload (529), and the embedding API (``Server.serve()``,
+no side effects on import).
+
+Every exchange has a socket timeout as a hang guard; no test asserts timing.
+
+    .venv/bin/python -m pytest -q tests/test_http.py
+"""
+
+import asyncio
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import anthropic
+import pytest
+from conftest import (API_KEY, ROOT, Accepted, Failed, Finished, ScriptedEngine,
+                      TextDelta)
+
+from pensieve import DEFAULT_MAX_WAITING, MAX_BODY_BYTES, Config, Server
+
+# A stuck server fails the test instead of hanging the suite.
+HANG_GUARD_S = 5
+MODEL = "claude-test"
+FINISHED = Finished("end_turn", None, 3, 2, 0.0, 0.0)
+DROP = object()  # marks a field to leave out of a request body
+
+
+# --- Scripts and request bodies ------------------------------------------------
+
+
+def hello(request):
+    """The ScriptedEngine's default script: "Hello world" in two deltas."""
+    return [Accepted(3, request.max_tokens), TextDelta("Hello"), TextDelta(" world"),
+            FINISHED]
+
+
+def slow_on(items):
+    """A script that plays ``items`` for the prompt "slow", else ``hello``."""
+    return lambda request: items if request.messages[-1][1] == "slow" else hello(request)
+
+
+def body(text="hi", **changes):
+    """A valid Messages request body, with fields changed (or DROPped)."""
+    out = {"model": MODEL, "max_tokens": 16,
+           "messages": [{"role": "user", "content": text}], **changes}
+    return {k: v for k, v in out.items() if v is not DROP}
+
+
+def raw_request(method="POST", path="/v1/messages", payload=None, *, key=API_KEY,
+                headers=()):
+    """The bytes of one HTTP/1.1 request; ``payload`` is a dict or bytes."""
+    if isinstance(payload, dict):
+        payload = json.dumps(payload).encode()
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1"]
+    if key is not None:
+        lines.append(f"x-api-key: {key}")
+    if payload is not None:
+        lines += ["Content-Type: application/json", f"Content-Length: {len(payload)}"]
+    lines += headers
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + (payload or b"")
+
+
+# --- Clients -------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict  # lower-case names
+    body: bytes
+
+    @property
+    def json(self):
+        return json.loads(self.body)
+
+
+class RawConnection:
+    """A loopback socket that sends raw bytes and parses whole responses."""
+
+    def __init__(self, port):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=HANG_GUARD_S)
+        self.buffer = b""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.sock.close()
+
+    def send(self, data, bytewise=False):
+        for piece in ([data[i:i + 1] for i in range(len(data))] if bytewise else [data]):
+            self.sock.sendall(piece)
+            time.sleep(0)
+
+    def read_until(self, marker):
+        """Everything up to and including ``marker``; EOFError if the server closes."""
+        while marker not in self.buffer:
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError(f"closed before {marker!r}")
+            self.buffer += data
+        head, _, self.buffer = self.buffer.partition(marker)
+        return head + marker
+
+    def read_exactly(self, size):
+        while len(self.buffer) < size:
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError(f"closed with {len(self.buffer)} of {size} bytes")
+            self.buffer += data
+        out, self.buffer = self.buffer[:size], self.buffer[size:]
+        return out
+
+    def read_response(self, method="POST"):
+        lines = self.read_until(b"\r\n\r\n").decode("latin-1").split("\r\n")[:-2]
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if method == "HEAD":
+            content = b""
+        elif headers.get("transfer-encoding") == "chunked":
+            content = b""
+            while size := int(self.read_until(b"\r\n")[:-2], 16):
+                content += self.read_exactly(size)
+                assert self.read_exactly(2) == b"\r\n"
+            assert self.read_exactly(2) == b"\r\n"  # the terminator; no trailers
+        else:
+            content = self.read_exactly(int(headers.get("content-length", 0)))
+        return Reply(status, headers, content)
+
+    def outcome(self):
+        """The next response's status, or "closed" if the server hung up instead."""
+        try:
+            return self.read_response().status
+        except (EOFError, ConnectionResetError):
+            return "closed"
+
+
+def call(srv, method, path, payload=None, *, key=API_KEY, headers=None):
+    """One request through http.client on a fresh connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=HANG_GUARD_S)
+    sent = {"x-api-key": key} if key is not None else {}
+    sent.update(headers or {})
+    if isinstance(payload, dict):
+        payload = json.dumps(payload).encode()
+    if payload is not None:
+        sent["content-type"] = "application/json"
+    try:
+        conn.request(method, path, body=payload, headers=sent)
+        resp = conn.getresponse()
+        return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()},
+                     resp.read())
+    finally:
+        conn.close()
+
+
+def sdk(srv, key=API_KEY):
+    return anthropic.Anthropic(base_url=srv.url, api_key=key, max_retries=0,
+                               timeout=HANG_GUARD_S)
+
+
+def sse_events(content):
+    """[(event name, data dict), ...] from an SSE body."""
+    events = []
+    for block in content.decode().split("\n\n"):
+        if block:
+            fields = dict(line.split(": ", 1) for line in block.split("\n"))
+            events.append((fields["event"], json.loads(fields["data"])))
+    return events
+
+
+def assert_error(reply, status, error_type):
+    """Check Anthropic's error shape; return the error message."""
+    assert reply.status == status, reply.body
+    data = reply.json
+    assert data["type"] == "error"
+    assert data["error"]["type"] == error_type
+    assert data["request_id"] == reply.headers["request-id"]
+    return data["error"]["message"]
+
+
+def wait_until(predicate, timeout=HANG_GUARD_S):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met before the hang guard"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def srv(scripted):
+    """A server on the default "Hello world" script."""
+    return scripted()
+
+
+# --- Routing and request ids ---------------------------------------------------
+
+
+def test_health(srv):
+    reply = call(srv, "GET", "/health")
+    assert reply.status == 200
+    assert reply.headers["content-type"] == "application/json"
+    data = reply.json
+    assert data["status"] == "healthy"
+    assert (data["model"], data["context_window"], data["device"]) == ("scripted", 1000,
+                                                                       "cpu")
+    assert (data["running"], data["waiting"]) == (0, 0)
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_root(srv, method):
+    assert call(srv, method, "/").status == 200
+
+
+def test_head_has_the_get_headers_and_no_body(srv):
+    for path in ("/", "/health"):
+        with RawConnection(srv.port) as conn:
+            conn.send(raw_request("GET", path) + raw_request("HEAD", path)
+                      + raw_request("GET", "/health"))
+            get = conn.read_response()
+            head = conn.read_response("HEAD")
+            after = conn.read_response()  # the HEAD answer carried no body bytes
+        assert head.status == 200
+        assert head.headers["content-length"] == get.headers["content-length"] != "0"
+        assert after.json["status"] == "healthy"
+
+
+def test_query_string_is_ignored(srv):
+    reply = call(srv, "POST", "/v1/messages?beta=true", body())
+    assert reply.status == 200
+    assert reply.json["content"][0]["text"] == "Hello world"
+
+
+def test_unknown_path_is_404(srv):
+    message = assert_error(call(srv, "GET", "/v1/nothing"), 404, "not_found_error")
+    assert "/v1/nothing" in message
+
+
+@pytest.mark.parametrize("method, path, allow", [
+    ("GET", "/v1/messages", "POST"),
+    ("DELETE", "/health", "GET, HEAD"),
+])
+def test_wrong_method_is_405(srv, method, path, allow):
+    reply = call(srv, method, path)
+    assert_error(reply, 405, "invalid_request_error")
+    assert reply.headers["allow"] == allow
+
+
+def test_every_response_has_a_fresh_request_id(srv):
+    replies = [
+        call(srv, "GET", "/health"),
+        call(srv, "POST", "/v1/messages", body()),
+        call(srv, "POST", "/v1/messages", body(stream=True)),
+        call(srv, "GET", "/nowhere"),
+        call(srv, "POST", "/v1/messages", body(), key=None),
+        call(srv, "POST", "/v1/messages", b"{"),
+    ]
+    ids = [reply.headers["request-id"] for reply in replies]
+    assert all(i.startswith("req_") for i in ids)
+    assert len(set(ids)) == len(ids)
+    for reply in replies:
+        if reply.status >= 400:
+            assert reply.json["request_id"] == reply.headers["request-id"]
+
+
+# --- Auth ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("headers, status", [
+    pytest.param({}, 401, id="missing"),
+    pytest.param({"x-api-key": "wrong"}, 401, id="wrong-x-api-key"),
+    pytest.param({"authorization": "Bearer wrong"}, 401, id="wrong-bearer"),
+    pytest.param({"authorization": API_KEY}, 401, id="no-scheme"),
+    pytest.param({"x-api-key": API_KEY}, 200, id="x-api-key"),
+    pytest.param({"authorization": f"Bearer {API_KEY}"}, 200, id="bearer"),
+])
+def test_auth(srv, headers, status):
+    reply = call(srv, "POST", "/v1/messages", body(), key=None, headers=headers)
+    if status == 401:
+        assert_error(reply, 401, "authentication_error")
+        assert srv.engine.jobs == []
+    else:
+        assert reply.status == 200
+
+
+def test_custom_key_refuses_the_default(scripted):
+    srv = scripted(api_key="s3cret")
+    assert_error(call(srv, "POST", "/v1/messages", body()), 401, "authentication_error")
+    assert call(srv, "POST", "/v1/messages", body(), key="s3cret").status == 200
+
+
+@pytest.mark.parametrize("key, status, error_type", [
+    pytest.param("wrong", 401, "authentication_error", id="401-wrong-key"),
+    pytest.param(API_KEY, 413, "request_too_large", id="413-over-limit"),
+])
+def test_answered_without_waiting_for_the_body(srv, key, status, error_type):
+    """A promised body that never comes: the answer arrives anyway, then a close."""
+    length = 1_000_000 if status == 401 else MAX_BODY_BYTES + 1
+    with RawConnection(srv.port) as conn:
+        conn.send(raw_request(key=key, headers=[f"Content-Length: {length}"]))
+        reply = conn.read_response()
+    assert_error(reply, status, error_type)
+    assert reply.headers["connection"] == "close"
+    assert srv.engine.jobs == []
+
+
+# --- Request validation ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("payload, names", [
+    pytest.param(b"{", ["JSON"], id="invalid-json"),
+    pytest.param(b"[]", ["JSON object"], id="array"),
+    pytest.param(body(model=DROP), ["model"], id="no-model"),
+    pytest.param(body(max_tokens=DROP), ["max_tokens"], id="no-max-tokens"),
+    pytest.param(body(max_tokens=0), ["max_tokens"], id="max-tokens-0"),
+    pytest.param(body(max_tokens="10"), ["max_tokens"], id="max-tokens-str"),
+    pytest.param(body(messages=DROP), ["messages"], id="no-messages"),
+    pytest.param(body(messages=[]), ["messages"], id="empty-messages"),
+    pytest.param(body(messages=[{"role": "robot", "content": "hi"}]),
+                 ["messages.0.role"], id="bad-role"),
+    pytest.param(body(messages=[{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                     "data": "AAAA"}}]}]),
+                 ["messages.0.content.0", "text only"], id="image"),
+    pytest.param(body(temperature=1.5), ["temperature"], id="temperature"),
+    pytest.param(body(top_k=-1), ["top_k"], id="top-k"),
+    pytest.param(body(stop_sequences="STOP"), ["stop_sequences"], id="stop-sequences"),
+    pytest.param(body(system=5), ["system"], id="system"),
+    pytest.param(b"", ["JSON"], id="empty"),
+])
+def test_bad_body_is_400_naming_the_field(srv, payload, names):
+    message = assert_error(call(srv, "POST", "/v1/messages", payload), 400,
+                           "invalid_request_error")
+    for name in names:
+        assert name in message
+    assert srv.engine.jobs == []
+
+
+# --- Keep-alive, malformed HTTP, byte-by-byte ---------------------------------------
+
+
+@pytest.mark.parametrize("first, status", [
+    pytest.param(raw_request(payload=b"{"), 400, id="after-400"),
+    pytest.param(raw_request(payload=body()), 200, id="after-200"),
+    pytest.param(raw_request(payload=body(stream=True)), 200, id="after-stream"),
+])
+def test_keep_alive(srv, first, status):
+    with RawConnection(srv.port) as conn:
+        conn.send(first)
+        assert conn.read_response().status == status
+        conn.send(raw_request(payload=body()))
+        reply = conn.read_response()
+    assert reply.status == 200
+    assert reply.json["content"][0]["text"] == "Hello world"
+
+
+async def _wait_for_as_in_python312(aw, timeout):
+    """asyncio.wait_for as Python 3.12+ implements it: ``aw`` starts at once."""
+    async with asyncio.timeout(timeout):
+        return await aw
+
+
+def test_keep_alive_with_python312_wait_for(srv, monkeypatch):
+    monkeypatch.setattr(asyncio, "wait_for", _wait_for_as_in_python312)
+    with RawConnection(srv.port) as conn:
+        for _ in range(2):
+            conn.send(raw_request(payload=body()))
+            assert conn.read_response().status == 200
+
+
+def test_pipelined_requests(srv):
+    with RawConnection(srv.port) as conn:
+        conn.send(raw_request(payload=body()) + raw_request(payload=body(stream=True))
+                  + raw_request("GET", "/health"))
+        replies = [conn.read_response() for _ in range(3)]
+    assert [reply.status for reply in replies] == [200, 200, 200]
+    assert replies[2].json["status"] == "healthy"
+
+
+@pytest.mark.parametrize("bytewise", [False, True], ids=["whole", "byte-by-byte"])
+@pytest.mark.parametrize("garbage", [
+    pytest.param(b"HELLO\r\n\r\n", id="request-line"),
+    pytest.param(b"\x00\xff\xfe\r\n\r\n", id="binary"),
+    pytest.param(b"GET / HTTP/1.1\r\n\r\n", id="no-host"),
+    pytest.param(raw_request(headers=["Content-Length: abc"]), id="content-length-abc"),
+    pytest.param(raw_request(headers=["Content-Length: -1"]), id="content-length-neg"),
+    pytest.param(raw_request(headers=["Content-Length: 5", "Content-Length: 6"]),
+                 id="content-length-twice"),
+    pytest.param(raw_request(headers=["Transfer-Encoding: chunked"]) + b"zz\r\n",
+                 id="bad-chunk"),
+])
+def test_malformed_http_is_4xx_or_close(srv, garbage, bytewise):
+    with RawConnection(srv.port) as conn:
+        try:
+            conn.send(garbage, bytewise=bytewise)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed before the last byte
+        outcome = conn.outcome()
+    assert outcome == "closed" or 400 <= outcome < 500
+    assert call(srv, "GET", "/health").status == 200
+
+
+def test_request_fed_byte_by_byte(srv):
+    with RawConnection(srv.port) as conn:
+        conn.send(raw_request(payload=body()), bytewise=True)
+        reply = conn.read_response()
+    assert reply.status == 200
+    assert reply.json["content"][0]["text"] == "Hello world"
+
+
+@pytest.mark.parametrize("complete", [False, True], ids=["unfinished", "in-one-piece"])
+def test_oversized_head_is_a_client_error(srv, complete):
+    with RawConnection(srv.port) as conn:
+        # A head that never ends: the server reads it all, then refuses it.
+        conn.send(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Filler: " + b"a" * 70_000
+                  + (b"\r\n\r\n" if complete else b""))
+        reply = conn.read_response()
+    assert reply.status == 431
+    assert reply.json["error"]["type"] == "request_too_large"
+    assert reply.json["error"]["message"] == "request head exceeds 65536 bytes"
+
+
+# --- Responses: SSE and the SDK ----------------------------------------------------
+
+
+def test_stream_events_in_order(srv):
+    with RawConnection(srv.port) as conn:
+        conn.send(raw_request(payload=body(stream=True)))
+        reply = conn.read_response()
+    assert reply.status == 200
+    assert reply.headers["content-type"] == "text/event-stream"
+    assert reply.headers["transfer-encoding"] == "chunked"
+    assert "content-length" not in reply.headers
+    events = sse_events(reply.body)
+    assert [name for name, _ in events] == [
+        "message_start", "content_block_start", "ping", "content_block_delta",
+        "content_block_delta", "content_block_stop", "message_delta", "message_stop"]
+    assert all(data["type"] == name for name, data in events)
+    start = events[0][1]["message"]
+    assert start["model"] == MODEL and start["id"].startswith("msg_")
+    assert [data["delta"]["text"] for name, data in events
+            if name == "content_block_delta"] == ["Hello", " world"]
+    delta = events[-2][1]
+    assert delta["delta"]["stop_reason"] == "end_turn"
+    assert delta["usage"]["output_tokens"] == 2
+
+
+def test_sdk_stream(srv):
+    with sdk(srv).messages.stream(model=MODEL, max_tokens=16, messages=[
+            {"role": "user", "content": "hi"}]) as stream:
+        final = stream.get_final_message()
+    assert final.content[0].text == "Hello world"
+    assert final.stop_reason == "end_turn"
+
+
+def test_sdk_create(srv):
+    message = sdk(srv).messages.create(model=MODEL, max_tokens=16, messages=[
+        {"role": "user", "content": "hi"}])
+    assert message.content[0].text == "Hello world"
+    assert message.model == MODEL
+    assert message.id.startswith("msg_")
+    assert (message.stop_reason, message.usage.output_tokens) == ("end_turn", 2)
+
+
+# --- Engine failures ---------------------------------------------------------------
+
+TOO_LONG = "prompt is too long: 5000 tokens > 999 maximum"
+
+
+@pytest.mark.parametrize("script, stream, status, error_type, message", [
+    pytest.param([Failed("invalid_request", TOO_LONG)], False, 400,
+                 "invalid_request_error", TOO_LONG, id="invalid"),
+    pytest.param([Failed("invalid_request", TOO_LONG)], True, 400,
+                 "invalid_request_error", TOO_LONG, id="invalid-stream"),
+    pytest.param([Failed("internal", "boom")], False, 500, "api_error", "boom",
+                 id="internal"),
+    pytest.param([Accepted(3, 16), TextDelta("partial"), Failed("internal", "boom")],
+                 False, 500, "api_error", "boom", id="internal-after-accepted"),
+])
+def test_engine_failure_before_the_response(scripted, script, stream, status,
+                                            error_type, message):
+    srv = scripted(lambda request: script)
+    reply = call(srv, "POST", "/v1/messages", body(stream=stream))
+    assert assert_error(reply, status, error_type) == message
+
+
+def test_engine_failure_mid_stream_ends_the_stream_cleanly(scripted):
+    srv = scripted(lambda request: [Accepted(3, 16), TextDelta("partial"),
+                                    Failed("internal", "boom")])
+    with RawConnection(srv.port) as conn:
+        conn.send(raw_request(payload=body(stream=True)))
+        reply = conn.read_response()  # reads through the chunked terminator
+        conn.send(raw_request("GET", "/health"))
+        after = conn.read_response()
+    assert reply.status == 200
+    events = sse_events(reply.body)
+    names = [name for name, _ in events]
+    assert names[-2:] == ["content_block_delta", "error"]
+    assert events[-2][1]["delta"]["text"] == "partial"
+    error = events[-1][1]
+    assert error["type"] == "error" and error["error"]["type"] == "api_error"
+    assert error["request_id"] == reply.headers["request-id"]
+    assert after.status == 200
+
+
+# --- Disconnects and overload ------------------------------------------------------
+
+
+@pytest.mark.parametrize("items, stream", [
+    pytest.param([Accepted(3, 16), TextDelta("a"), 30, FINISHED], True,
+                 id="mid-stream"),
+    pytest.param([30, Accepted(3, 16), TextDelta("a"), FINISHED], False,
+                 id="before-accepted"),
+])
+def test_disconnect_cancels_the_job(scripted, items, stream):
+    srv = scripted(slow_on(items))
+    with RawConnection(srv.port) as conn:
+        conn.send(raw_request(payload=body("slow", stream=stream)))
+        if stream:
+            conn.read_until(b'"text":"a"')
+        else:
+            wait_until(lambda: srv.engine.jobs)
+    wait_until(lambda: srv.engine.jobs[0].cancelled.is_set())
+    assert call(srv, "POST", "/v1/messages", body()).status == 200
+
+
+@pytest.mark.parametrize("waiting, status", [
+    (DEFAULT_MAX_WAITING - 1, 200),
+    (DEFAULT_MAX_WAITING, 529),
+])
+def test_overload_is_529(srv, waiting, status):
+    srv.engine.waiting = waiting
+    reply = call(srv, "POST", "/v1/messages", body())
+    if status == 529:
+        assert_error(reply, 529, "overloaded_error")
+        assert int(reply.headers["retry-after"]) > 0
+        assert srv.engine.jobs == []
+    else:
+        assert reply.status == 200
+
+
+# --- The embedding API ---------------------------------------------------------------
+
+
+async def _raw_exchange(port, request):
+    """Send one request with Connection: close; return the whole response."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), HANG_GUARD_S)
+    finally:
+        writer.close()
+
+
+def test_serve_is_the_embedding_api():
+    async def main():
+        server = Server(Config(port=0), engine=ScriptedEngine())
+        task = asyncio.create_task(server.serve())
+        await asyncio.wait_for(server.started.wait(), HANG_GUARD_S)
+        response = await _raw_exchange(server.port, raw_request(
+            payload=body(), headers=["Connection: close"]))
+        server.stop()
+        await asyncio.wait_for(task, HANG_GUARD_S)
+        return response
+
+    response = asyncio.run(main())
+    assert response.startswith(b"HTTP/1.1 200 ")
+    assert b'"text": "Hello world"' in response
+
+
+def test_started_can_be_awaited_right_after_creating_the_task():
+    async def main():
+        server = Server(Config(port=0), engine=ScriptedEngine())
+        task = asyncio.create_task(server.serve())
+        try:
+            await asyncio.wait_for(server.started.wait(), HANG_GUARD_S)
+        finally:
+            task.cancel()
+
+    asyncio.run(main())
+
+
+def test_import_has_no_side_effects():
+    code = ("import sys, threading, pensieve; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('mlx', 'mlx_lm')), threading.active_count())")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60, check=True)
+    assert result.stdout.split() == ["[]", "1"]
