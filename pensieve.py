@@ -606,7 +606,7 @@ class Server:
         self.engine = engine
         self.started = asyncio.Event()  # set once listening
         self.port = None
-        self._stopping = None
+        self._stopping = asyncio.Event()
         self._loop = None
         self._connections = set()
         self._model = None
@@ -614,23 +614,26 @@ class Server:
 
     async def serve(self):
         self._loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
         if self.engine is None:
             from engine import Engine
 
             self.engine = Engine(self.config.model, cpu_weights=self.config.cpu_weights)
+        # Bind before loading, so a port in use is reported at once; accept
+        # only once the model is ready (early clients wait in the backlog).
+        listener = await asyncio.start_server(self._accept, self.config.host,
+                                              self.config.port, start_serving=False)
+        self.port = listener.sockets[0].getsockname()[1]
         self.engine.start()
         try:
-            self._model = await self._loop.run_in_executor(None, self.engine.wait_loaded)
-            listener = await asyncio.start_server(self._accept, self.config.host,
-                                                  self.config.port)
-            self.port = listener.sockets[0].getsockname()[1]
-            self._started_at = time.time()
-            log.info("listening on http://%s:%d (model %s, %s, context %d)",
-                     self.config.host, self.port, self._model.name,
-                     self._model.device, self._model.context_window)
-            self.started.set()
             async with listener:
+                self._model = await self._loop.run_in_executor(
+                    None, self.engine.wait_loaded)
+                await listener.start_serving()
+                self._started_at = time.time()
+                log.info("listening on http://%s:%d (model %s, %s, context %d)",
+                         self.config.host, self.port, self._model.name,
+                         self._model.device, self._model.context_window)
+                self.started.set()
                 await self._stopping.wait()
             for task in list(self._connections):
                 task.cancel()
@@ -639,8 +642,10 @@ class Server:
             self.engine.stop(timeout=5)
 
     def stop(self):
-        """Ask ``serve()`` to return; safe to call from any thread."""
-        if self._loop is not None and self._stopping is not None:
+        """Ask ``serve()`` to return; safe to call from any thread, even early."""
+        if self._loop is None:
+            self._stopping.set()
+        else:
             self._loop.call_soon_threadsafe(self._stopping.set)
 
     async def _accept(self, reader, writer):
@@ -784,6 +789,24 @@ def _env(name, default=None):
     return default if value in (None, "") else value
 
 
+def _port(text):
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(text)
+    return value
+
+
+def _non_negative(text):
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+_port.__name__ = "port"  # argparse names the type in its error message
+_non_negative.__name__ = "non-negative integer"
+
+
 def parse_args(argv=None):
     """Build a Config from flags, falling back to PENSIEVE_* variables."""
     parser = argparse.ArgumentParser(
@@ -793,7 +816,9 @@ def parse_args(argv=None):
                     "shown in brackets.")
     parser.add_argument("--host", default=_env("HOST", DEFAULT_HOST),
                         help="address to bind [PENSIEVE_HOST] (default %(default)s)")
-    parser.add_argument("--port", type=int, default=int(_env("PORT", DEFAULT_PORT)),
+    # String defaults go through `type`, so a bad PENSIEVE_* value is reported
+    # by argparse like a bad flag.
+    parser.add_argument("--port", type=_port, default=_env("PORT", str(DEFAULT_PORT)),
                         help="port to listen on [PENSIEVE_PORT] (default %(default)s)")
     parser.add_argument("--model", default=_env("MODEL"),
                         help="MLX model directory, Hugging Face repo id or .gguf file "
@@ -802,8 +827,8 @@ def parse_args(argv=None):
     parser.add_argument("--api-key", default=_env("API_KEY", DEFAULT_API_KEY),
                         help="key clients must send as x-api-key or Authorization: "
                              "Bearer [PENSIEVE_API_KEY] (default %(default)s)")
-    parser.add_argument("--max-waiting", type=int,
-                        default=int(_env("MAX_WAITING", DEFAULT_MAX_WAITING)),
+    parser.add_argument("--max-waiting", type=_non_negative,
+                        default=_env("MAX_WAITING", str(DEFAULT_MAX_WAITING)),
                         help="requests that may wait for the engine before new ones "
                              "get 529 [PENSIEVE_MAX_WAITING] (default %(default)s)")
     parser.add_argument("--cpu-weights", choices=("float32", "stored"),
@@ -815,6 +840,12 @@ def parse_args(argv=None):
                         choices=("debug", "info", "warning", "error"),
                         help="logging level [PENSIEVE_LOG_LEVEL] (default %(default)s)")
     args = parser.parse_args(argv)
+    # argparse checks choices on flags, not on defaults from the environment.
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if action.choices and value not in action.choices:
+            parser.error(f"argument {action.option_strings[0]}: invalid choice: "
+                         f"{value!r} (choose from {', '.join(action.choices)})")
     config = Config(host=args.host, port=args.port, model=args.model,
                     api_key=args.api_key, max_waiting=args.max_waiting,
                     cpu_weights=args.cpu_weights)
