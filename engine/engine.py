@@ -162,6 +162,7 @@ class Engine:
             return
         self._prefill_chunk = (PREFILL_CHUNK_CPU if self.model.device == "cpu"
                                else PREFILL_CHUNK_GPU)
+        self._vocab_size = len(self.model.tokenizer.vocab)  # ~20 ms: once
         import mlx.core as mx
 
         # This thread's default stream, as mlx-lm's own server uses: mlx-lm's
@@ -205,6 +206,10 @@ class Engine:
         except RenderError as e:
             job.deliver(Failed("invalid_request", str(e)))
             return
+        except Exception as e:  # a tokenizer bug must not end the engine thread
+            log.exception("rendering failed (job %d)", job.id)
+            job.deliver(Failed("internal", f"prompt rendering failed: {e}"))
+            return
         window = self.model.context_window
         # At least one token of room must be left for the answer.
         if len(prompt) >= window:
@@ -231,7 +236,7 @@ class Engine:
         # feeds the last token and runs mlx-lm's pipelined decode loop.
         tokens = mx.array(prompt)
         for start in range(0, len(prompt) - 1, self._prefill_chunk):
-            if job.cancelled:
+            if job.cancelled or self._stopping:
                 log.info("job %d cancelled during prefill at token %d of %d",
                          job.id, start, len(prompt))
                 return
@@ -241,8 +246,10 @@ class Engine:
                 mx.eval([c.state for c in cache])
             self._take_inbox(block=False)
 
+        # top_k beyond the vocabulary means "no limit" (argpartition would fail).
+        top_k = req.top_k if req.top_k and req.top_k < self._vocab_size else 0
         sampler = make_sampler(temp=req.temperature, top_p=req.top_p or 0.0,
-                               top_k=req.top_k or 0)
+                               top_k=top_k)
         detokenizer = tokenizer.detokenizer
         stops = StopMatcher(req.stop_sequences)
         eos = tokenizer.eos_token_ids
@@ -254,7 +261,10 @@ class Engine:
         stop_reason, stop_sequence = "max_tokens", None
         try:
             for token, _ in steps:
-                if job.cancelled:
+                if not self._inbox.empty():
+                    # Answer newcomers (Accepted, or a 400) while this one decodes.
+                    self._take_inbox(block=False)
+                if job.cancelled or self._stopping:
                     log.info("job %d cancelled after %d output tokens", job.id,
                              output_tokens)
                     return

@@ -213,3 +213,36 @@ def test_repo_id_is_passed_through():
     assert resolve("mlx-community/Phi-3-mini-128k-instruct-4bit") == (
         "mlx-community/Phi-3-mini-128k-instruct-4bit",
         "mlx-community/Phi-3-mini-128k-instruct-4bit")
+
+
+def test_top_k_beyond_vocabulary_means_no_limit(engine):
+    _, msgs = run(engine, greedy(max_tokens=3, top_k=10_000_000))
+    assert isinstance(msgs[-1], Finished)
+
+
+def test_internal_error_fails_one_request_and_engine_keeps_serving(engine, monkeypatch):
+    import engine.engine as engine_module
+
+    def broken(*args):
+        raise RuntimeError("tokenizer exploded")
+
+    monkeypatch.setattr(engine_module, "render_prompt", broken)
+    _, msgs = run(engine, greedy())
+    assert msgs == [Failed("internal", "prompt rendering failed: tokenizer exploded")]
+    monkeypatch.undo()
+    _, msgs = run(engine, greedy(max_tokens=2))
+    assert isinstance(msgs[-1], Finished)
+
+
+def test_newcomer_is_answered_while_another_decodes(engine):
+    events = queue.Queue()  # one timeline for both jobs
+    engine.submit(greedy(max_tokens=200), lambda m: events.put(("long", m)))
+    while not isinstance(events.get(timeout=TIMEOUT)[1], TextDelta):
+        pass  # the long job is decoding now
+    engine.submit(greedy(content="word " * 300), lambda m: events.put(("big", m)))
+    order = []
+    while ("long", "Finished") not in order:
+        who, msg = events.get(timeout=TIMEOUT)
+        order.append((who, type(msg).__name__))
+    # The oversized prompt got its 400 before the running job ended.
+    assert order.index(("big", "Failed")) < order.index(("long", "Finished"))
