@@ -635,9 +635,12 @@ class Server:
                          self._model.device, self._model.context_window)
                 self.started.set()
                 await self._stopping.wait()
-            for task in list(self._connections):
-                task.cancel()
-            await asyncio.gather(*self._connections, return_exceptions=True)
+                # Close connections inside the block: from Python 3.12 leaving
+                # it waits for every connection, idle keep-alive ones included.
+                listener.close()
+                for task in list(self._connections):
+                    task.cancel()
+                await asyncio.gather(*self._connections, return_exceptions=True)
         finally:
             self.engine.stop(timeout=5)
 
@@ -747,26 +750,40 @@ class Server:
             (b"content-type", b"text/event-stream"),
             (b"cache-control", b"no-cache"),
         ])))
-        for event in stream_start_events(new_message_id(), parsed.model,
-                                         accepted.input_tokens):
-            await http.send(h11.Data(data=event))
-        while True:
-            msg = await queue.get()
-            if isinstance(msg, TextDelta):
-                await http.send(h11.Data(data=stream_delta_event(msg.text)))
-            elif isinstance(msg, Finished):
-                _log_finished(http.request_id, msg)
-                for event in stream_end_events(msg):
-                    await http.send(h11.Data(data=event))
+        await http.send(h11.Data(data=b"".join(stream_start_events(
+            new_message_id(), parsed.model, accepted.input_tokens))))
+        done = False
+        while not done:
+            # Everything that arrived since the last write goes out in one
+            # write: when the engine outpaces the event loop (a fast GPU), the
+            # loop catches up instead of paying per-token overhead it cannot
+            # afford. Adjacent text deltas merge into one event.
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            events, text = [], []
+            for msg in batch:
+                if isinstance(msg, TextDelta):
+                    text.append(msg.text)
+                    continue
+                if text:
+                    events.append(stream_delta_event("".join(text)))
+                    text = []
+                done = True
+                if isinstance(msg, Finished):
+                    _log_finished(http.request_id, msg)
+                    events += stream_end_events(msg)
+                elif isinstance(msg, _Disconnected):
+                    raise ClientGone()
+                else:
+                    error = _engine_error(msg)
+                    log.warning("%s stream failed: %s", http.request_id, error.message)
+                    events.append(stream_error_event(error.type, error.message,
+                                                     http.request_id))
                 break
-            elif isinstance(msg, _Disconnected):
-                raise ClientGone()
-            else:
-                error = _engine_error(msg)
-                log.warning("%s stream failed: %s", http.request_id, error.message)
-                await http.send(h11.Data(data=stream_error_event(
-                    error.type, error.message, http.request_id)))
-                break
+            if text:
+                events.append(stream_delta_event("".join(text)))
+            await http.send(h11.Data(data=b"".join(events)))
         await http.send(h11.EndOfMessage())
 
 

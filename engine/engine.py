@@ -276,7 +276,10 @@ class Engine:
                     stop_reason = "end_turn"
                     break
                 detokenizer.add_token(token)
-                text, stop_sequence = stops.feed(detokenizer.last_segment)
+                if req.stop_sequences:
+                    text, stop_sequence = stops.feed(detokenizer.last_segment)
+                else:  # the common case: nothing to hold back
+                    text = detokenizer.last_segment
                 if text:
                     job.deliver(TextDelta(text))
                 if stop_sequence is not None:

@@ -123,17 +123,21 @@ def use_openblas():
 
     Must run before ``mlx`` is first imported: loading OpenBLAS globally puts
     its ``cblas_sgemm`` ahead of the bundled reference BLAS that ``libmlx``
-    would otherwise bind to. Returns the library path used, or None.
+    would otherwise bind to (measured: same speed as LD_PRELOAD). Returns a
+    description such as "OpenBLAS, 1 thread", or None.
     """
     if sys.platform != "linux" or "mlx.core" in sys.modules:
         return None
     for path in OPENBLAS_PATHS:
         if os.path.exists(path):
             try:
-                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             except OSError:
                 continue
-            return path
+            # OpenBLAS's default, one thread per core, measured fastest on 2
+            # cores (bench/RESULTS.md); OPENBLAS_NUM_THREADS overrides it.
+            threads = lib.openblas_get_num_threads()
+            return f"OpenBLAS, {threads} thread{'s' if threads > 1 else ''}"
     return None
 
 
@@ -201,7 +205,7 @@ def load(spec, cpu_weights="float32"):
     weights = "as stored"
     if device == "cpu" and cpu_weights == "float32":
         dequantize_model(model)
-        weights = "float32" + (" + OpenBLAS" if openblas else "")
+        weights = f"float32 ({openblas or 'bundled reference BLAS'})"
     window = (config.get("max_position_embeddings")
               or getattr(tokenizer, "model_max_length", None))
     if not isinstance(window, int) or window <= 0 or window > 10_000_000:
