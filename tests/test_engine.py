@@ -246,3 +246,13 @@ def test_newcomer_is_answered_while_another_decodes(engine):
         order.append((who, type(msg).__name__))
     # The oversized prompt got its 400 before the running job ended.
     assert order.index(("big", "Failed")) < order.index(("long", "Finished"))
+
+
+def test_gguf_path_is_imported_into_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("PENSIEVE_CACHE_DIR", str(tmp_path))
+    location, name = resolve(str(embedded_gguf()))
+    assert name == "SmolLM2-135M-Instruct.Q4_1"
+    assert location.parent == tmp_path / "models"
+    assert sorted(p.name for p in location.iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert not [p for p in location.parent.iterdir() if p.name.startswith(".")]  # no temp left
