@@ -86,6 +86,7 @@ ERROR_TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "request_too_large",
     431: "request_too_large",
     500: "api_error",
@@ -127,16 +128,11 @@ def error_body(error_type, message, request_id):
 
 @dataclass(frozen=True)
 class MessagesRequest:
-    """A validated ``POST /v1/messages`` body."""
+    """A validated ``POST /v1/messages`` body: what to generate, and how to answer."""
 
-    model: str
-    max_tokens: int
-    messages: tuple  # ((role, text), ...), roles system/user/assistant
-    temperature: float = 1.0
-    top_p: float | None = None
-    top_k: int | None = None
-    stop_sequences: tuple = ()
-    stream: bool = False
+    model: str  # echoed back: any name is served by the loaded model
+    stream: bool
+    generation: GenerationRequest
 
 
 # Blocks whose content a text-only model cannot take.
@@ -273,20 +269,12 @@ def parse_messages_request(raw):
     if system:
         messages.insert(0, ("system", system))
     temperature = _number(body, "temperature", 0.0, 1.0)
-    return MessagesRequest(
-        model=model, max_tokens=max_tokens, messages=tuple(messages),
-        temperature=1.0 if temperature is None else temperature,
+    return MessagesRequest(model=model, stream=stream, generation=GenerationRequest(
+        messages=tuple(messages), max_tokens=max_tokens,
+        temperature=1.0 if temperature is None else temperature,  # the API's default
         top_p=_number(body, "top_p", 0.0, 1.0),
         top_k=_integer(body, "top_k", 0),
-        stop_sequences=tuple(dict.fromkeys(stops)), stream=stream)
-
-
-def generation_request(request):
-    """Translate a MessagesRequest into the engine's GenerationRequest."""
-    return GenerationRequest(
-        messages=request.messages, max_tokens=request.max_tokens,
-        temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
-        stop_sequences=request.stop_sequences)
+        stop_sequences=tuple(dict.fromkeys(stops))))
 
 
 # === Responses and SSE: pure functions of dicts and bytes ======================
@@ -394,7 +382,8 @@ class HttpConnection:
 
     # I/O helpers: every byte in or out goes through these two.
 
-    async def next_event(self, timeout=READ_TIMEOUT_S):
+    async def next_event(self, timeout=None):
+        timeout = READ_TIMEOUT_S if timeout is None else timeout
         while True:
             event = self.conn.next_event()
             if event is not h11.NEED_DATA:
@@ -537,6 +526,9 @@ class HttpConnection:
             await self.respond_error(e)
         except h11.RemoteProtocolError as e:  # a malformed body (bad chunk size)
             await self._answer_bad_request(e)
+        except asyncio.TimeoutError:  # the body stalled
+            await self.respond_error(ApiError(
+                408, f"request body not received within {READ_TIMEOUT_S} s"))
         log.debug("%s %s %s %.1f ms", self.request_id, method, target,
                   (time.perf_counter() - started) * 1000)
 
@@ -711,7 +703,7 @@ class Server:
             except RuntimeError:  # the loop has closed: nobody is listening
                 pass
 
-        job = self.engine.submit(generation_request(parsed), deliver)
+        job = self.engine.submit(parsed.generation, deliver)
         watcher = asyncio.create_task(http.watch_disconnect(queue))
         try:
             first = await queue.get()

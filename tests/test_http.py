@@ -26,6 +26,7 @@ import pytest
 from conftest import (API_KEY, ROOT, Accepted, Failed, Finished, ScriptedEngine,
                       TextDelta)
 
+import pensieve
 from pensieve import DEFAULT_MAX_WAITING, MAX_BODY_BYTES, Config, Server
 
 # A stuck server fails the test instead of hanging the suite.
@@ -632,3 +633,14 @@ def test_stop_returns_with_an_idle_keep_alive_connection_open():
         writer.close()
 
     asyncio.run(main())
+
+
+def test_stalled_body_is_408_and_close(srv, monkeypatch):
+    monkeypatch.setattr(pensieve, "READ_TIMEOUT_S", 0.5)
+    with RawConnection(srv.port) as conn:
+        conn.send(raw_request(headers=["Content-Length: 100"]) + b'{"model":')
+        reply = conn.read_response()
+        assert conn.outcome() == "closed"
+    assert_error(reply, 408, "invalid_request_error")
+    assert reply.headers["connection"] == "close"
+    assert srv.engine.jobs == []

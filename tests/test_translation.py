@@ -29,10 +29,11 @@ def bad(raw):
 
 def test_minimal_request_and_defaults():
     req = parse()
-    assert req.model == "m" and req.max_tokens == 10
-    assert req.messages == (("user", "hi"),)
-    assert req.temperature == 1.0 and req.top_p is None and req.top_k is None
-    assert req.stop_sequences == () and req.stream is False
+    assert req.model == "m" and req.stream is False
+    gen = req.generation
+    assert gen.max_tokens == 10 and gen.messages == (("user", "hi"),)
+    assert gen.temperature == 1.0 and gen.top_p is None and gen.top_k is None
+    assert gen.stop_sequences == ()
 
 
 def test_blocks_system_and_merging():
@@ -43,8 +44,8 @@ def test_blocks_system_and_merging():
                           {"role": "user", "content": "c"},
                           {"role": "assistant", "content": [{"type": "thinking", "thinking": "x", "signature": "s"},
                                                             {"type": "text", "text": "d"}]}])
-    assert req.messages == (("system", "Be brief.\n\nBe kind."), ("user", "a\n\nb\n\nc"),
-                            ("assistant", "d"))
+    assert req.generation.messages == (
+        ("system", "Be brief.\n\nBe kind."), ("user", "a\n\nb\n\nc"), ("assistant", "d"))
 
 
 def test_unused_fields_are_accepted():
@@ -52,8 +53,9 @@ def test_unused_fields_are_accepted():
                 output_config={"effort": "low"}, context_management={"edits": []},
                 metadata={"user_id": "u"}, stream=True, temperature=0, top_p=0.5, top_k=3,
                 stop_sequences=["x", "y", "x"])
-    assert req.stream and req.temperature == 0.0 and req.top_p == 0.5 and req.top_k == 3
-    assert req.stop_sequences == ("x", "y")
+    gen = req.generation
+    assert req.stream and gen.temperature == 0.0 and gen.top_p == 0.5 and gen.top_k == 3
+    assert gen.stop_sequences == ("x", "y")
 
 
 @pytest.mark.parametrize("body, field", [
