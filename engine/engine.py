@@ -223,42 +223,64 @@ class Engine:
 
     def _generate(self, job, prompt, max_tokens):
         import mlx.core as mx
-        from mlx_lm.generate import generate_step
         from mlx_lm.models.cache import make_prompt_cache
-        from mlx_lm.sample_utils import make_sampler
 
-        model, tokenizer = self.model.model, self.model.tokenizer
-        req = job.request
         started = time.perf_counter()
-        cache = make_prompt_cache(model)
-        # Prefill all but the last prompt token in chunks, checking for
-        # cancellation and new arrivals between them; generate_step then
-        # feeds the last token and runs mlx-lm's pipelined decode loop.
+        cache = make_prompt_cache(self.model.model)
         tokens = mx.array(prompt)
-        for start in range(0, len(prompt) - 1, self._prefill_chunk):
+        if not self._prefill(job, tokens, cache):
+            return
+        outcome = self._decode(job, tokens[-1:], cache, max_tokens)
+        if outcome is None:
+            return
+        stop_reason, stop_sequence, output_tokens, first_token_at = outcome
+        decode_s = time.perf_counter() - first_token_at
+        job.deliver(Finished(
+            stop_reason, stop_sequence, len(prompt), output_tokens,
+            time_to_first_token=first_token_at - started,
+            decode_tps=(output_tokens - 1) / decode_s if decode_s > 0 else 0.0))
+
+    def _prefill(self, job, tokens, cache):
+        """Run all but the last prompt token through the model, in chunks.
+
+        Between chunks the engine notices cancellation and answers new
+        arrivals. Returns False if the job was cancelled.
+        """
+        import mlx.core as mx
+
+        total = len(tokens)
+        for start in range(0, total - 1, self._prefill_chunk):
             if job.cancelled or self._stopping:
                 log.info("job %d cancelled during prefill at token %d of %d",
-                         job.id, start, len(prompt))
-                return
-            end = min(start + self._prefill_chunk, len(prompt) - 1)
+                         job.id, start, total)
+                return False
+            end = min(start + self._prefill_chunk, total - 1)
             with mx.stream(self._stream):
-                model(tokens[None, start:end], cache=cache)
+                self.model.model(tokens[None, start:end], cache=cache)
                 mx.eval([c.state for c in cache])
             self._take_inbox(block=False)
+        return True
 
+    def _decode(self, job, last_token, cache, max_tokens):
+        """Feed the last prompt token and stream the answer through mlx-lm's
+        pipelined decode loop. Returns (stop_reason, stop_sequence, output
+        tokens, first token time), or None if the job was cancelled."""
+        from mlx_lm.generate import generate_step
+        from mlx_lm.sample_utils import make_sampler
+
+        req, tokenizer = job.request, self.model.tokenizer
         # top_k beyond the vocabulary means "no limit" (argpartition would fail).
         top_k = req.top_k if req.top_k and req.top_k < self._vocab_size else 0
         sampler = make_sampler(temp=req.temperature, top_p=req.top_p or 0.0,
                                top_k=top_k)
         detokenizer = tokenizer.detokenizer
         stops = StopMatcher(req.stop_sequences)
-        eos = tokenizer.eos_token_ids
-        steps = generate_step(tokens[-1:], model, stream=self._stream,
+        steps = generate_step(last_token, self.model.model, stream=self._stream,
                               prompt_cache=cache, sampler=sampler,
                               max_tokens=max_tokens)
         first_token_at = None
         output_tokens = 0
-        stop_reason, stop_sequence = "max_tokens", None
+        stop_reason = "max_tokens"
         try:
             for token, _ in steps:
                 if not self._inbox.empty():
@@ -267,39 +289,31 @@ class Engine:
                 if job.cancelled or self._stopping:
                     log.info("job %d cancelled after %d output tokens", job.id,
                              output_tokens)
-                    return
-                token = int(token)
+                    return None
                 output_tokens += 1
-                if first_token_at is None:
-                    first_token_at = time.perf_counter()
-                if token in eos:
+                first_token_at = first_token_at or time.perf_counter()
+                if int(token) in tokenizer.eos_token_ids:
                     stop_reason = "end_turn"
                     break
-                detokenizer.add_token(token)
+                detokenizer.add_token(int(token))
                 if req.stop_sequences:
-                    text, stop_sequence = stops.feed(detokenizer.last_segment)
+                    text, matched = stops.feed(detokenizer.last_segment)
                 else:  # the common case: nothing to hold back
-                    text = detokenizer.last_segment
+                    text, matched = detokenizer.last_segment, None
                 if text:
                     job.deliver(TextDelta(text))
-                if stop_sequence is not None:
-                    stop_reason = "stop_sequence"
-                    break
+                if matched is not None:
+                    return "stop_sequence", matched, output_tokens, first_token_at
         finally:
             steps.close()
-        if stop_reason != "stop_sequence":
-            detokenizer.finalize()
-            text, stop_sequence = stops.feed(detokenizer.last_segment)
-            if stop_sequence is not None:
-                stop_reason = "stop_sequence"
-            else:
-                text += stops.flush()
-            if text:
-                job.deliver(TextDelta(text))
-        ended = time.perf_counter()
-        first_token_at = first_token_at or ended
-        decode_s = ended - first_token_at
-        job.deliver(Finished(
-            stop_reason, stop_sequence, len(prompt), output_tokens,
-            time_to_first_token=first_token_at - started,
-            decode_tps=(output_tokens - 1) / decode_s if decode_s > 0 else 0.0))
+        # The detokenizer's and the matcher's held-back text (a stop sequence
+        # may still complete in the detokenizer's last piece).
+        detokenizer.finalize()
+        text, matched = stops.feed(detokenizer.last_segment)
+        if matched is None:
+            text += stops.flush()
+        if text:
+            job.deliver(TextDelta(text))
+        if matched is not None:
+            return "stop_sequence", matched, output_tokens, first_token_at
+        return stop_reason, None, output_tokens, first_token_at

@@ -155,6 +155,7 @@ def dequantize_model(model):
     """Replace quantized layers by float32 ones (faster than 4-bit on x86 CPUs)."""
     import mlx.core as mx
     import mlx.nn as nn
+    from mlx.utils import tree_unflatten
 
     def plain(layer):
         weight = mx.dequantize(layer.weight, layer.scales, layer.biases,
@@ -176,16 +177,11 @@ def dequantize_model(model):
         and getattr(m, "mode", "affine") == "affine"
     ]
     if replaced:
-        model.update_modules(_unflatten(replaced))
+        model.update_modules(tree_unflatten(replaced))
     # Norm weights and anything left in half precision follow suit so the
     # whole graph runs in float32 (mixed dtypes would upcast every step).
     model.set_dtype(mx.float32)
     mx.eval(model.parameters())
-
-
-def _unflatten(pairs):
-    from mlx.utils import tree_unflatten
-    return tree_unflatten(pairs)
 
 
 def load(spec, cpu_weights="float32"):
