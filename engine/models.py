@@ -210,7 +210,7 @@ def load(spec, cpu_weights="float32"):
 
 
 def _load_hint(spec, error):
-    text = str(error) or type(error).__name__
+    text = " ".join(str(error).split()) or type(error).__name__  # one line
     if spec and not Path(spec).exists():
         return (f"Could not load {spec!r} from Hugging Face ({text}). Check the repo "
                 "id and the network, or pass a local MLX directory or .gguf file.")

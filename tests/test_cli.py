@@ -95,3 +95,15 @@ def test_environment_configures_and_sigterm_exits_zero(tiny_model_dir, tmp_path)
         output = proc.communicate(timeout=30)[0]
     assert proc.returncode == 0, output
     assert "Traceback" not in output
+
+
+def test_repo_id_that_cannot_be_fetched_is_one_clear_message(tmp_path):
+    # Offline (as here and in CI), mlx-lm cannot download: one sentence with the fix.
+    out = pensieve("--model", "mlx-community/No-Such-Model-4bit", "--port", "0",
+                   env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.startswith("pensieve:")]
+    assert len(lines) == 1
+    assert "Could not load 'mlx-community/No-Such-Model-4bit' from Hugging Face" in lines[0]
+    assert lines[0].endswith("pass a local MLX directory or .gguf file.")
