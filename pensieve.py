@@ -603,6 +603,12 @@ class Server:
         self._connections = set()
         self._model = None
         self._started_at = None
+        # Routing: the path alone decides (Claude Code appends ?beta=true).
+        self._routes = {
+            "/": {"GET": self.root, "HEAD": self.root},
+            "/health": {"GET": self.health, "HEAD": self.health},
+            "/v1/messages": {"POST": self.messages},
+        }
 
     async def serve(self):
         self._loop = asyncio.get_running_loop()
@@ -634,7 +640,9 @@ class Server:
                     task.cancel()
                 await asyncio.gather(*self._connections, return_exceptions=True)
         finally:
-            self.engine.stop(timeout=5)
+            # Joining the engine thread blocks: keep it off the event loop,
+            # which may be an embedding application's.
+            await self._loop.run_in_executor(None, self.engine.stop, 5)
 
     def stop(self):
         """Ask ``serve()`` to return; safe to call from any thread, even early."""
@@ -653,19 +661,15 @@ class Server:
         finally:
             self._connections.discard(task)
 
-    # Routing: the path alone decides (Claude Code appends ?beta=true).
+    # Routes.
 
     async def route(self, http, method, path, request):
-        routes = {
-            "/": {"GET": self.root, "HEAD": self.root},
-            "/health": {"GET": self.health, "HEAD": self.health},
-            "/v1/messages": {"POST": self.messages},
-        }
-        if path not in routes:
+        methods = self._routes.get(path)
+        if methods is None:
             raise ApiError(404, f"no route for {path}")
-        handler = routes[path].get(method)
+        handler = methods.get(method)
         if handler is None:
-            allowed = ", ".join(routes[path])
+            allowed = ", ".join(methods)
             raise ApiError(405, f"method {method} not allowed for {path}",
                            [(b"allow", allowed.encode())])
         await handler(http, request)
@@ -682,7 +686,7 @@ class Server:
         return {
             "status": "healthy", "model": model.name,
             "context_window": model.context_window, "device": model.device,
-            "weights": getattr(model, "weights", None),
+            "weights": model.weights,
             "uptime_s": round(time.time() - self._started_at, 1),
             **self.engine.stats(),
         }

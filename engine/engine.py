@@ -103,8 +103,9 @@ class Engine:
     a request and returns its Job; ``stop()`` ends the thread.
     """
 
-    def __init__(self, model_spec=None, cpu_weights="float32", loader=None):
-        self._load = loader or (lambda: load(model_spec, cpu_weights=cpu_weights))
+    def __init__(self, model_spec=None, cpu_weights="float32"):
+        self._spec = model_spec
+        self._cpu_weights = cpu_weights
         self._inbox = thread_queue.SimpleQueue()
         self._waiting = deque()
         self._thread = None
@@ -113,7 +114,6 @@ class Engine:
         self.model = None
         self.load_error = None
         self.running = 0
-        self.load_seconds = None
 
     # Public API, callable from any thread.
 
@@ -124,7 +124,8 @@ class Engine:
 
     def wait_loaded(self, timeout=None):
         """Block until the model is loaded; raise its ModelError if it failed."""
-        self._loaded.wait(timeout)
+        if not self._loaded.wait(timeout):
+            raise TimeoutError("the model is still loading")
         if self.load_error is not None:
             raise self.load_error
         return self.model
@@ -148,15 +149,13 @@ class Engine:
     # The thread.
 
     def _run(self):
-        started = time.perf_counter()
         try:
-            self.model = self._load()
+            self.model = load(self._spec, cpu_weights=self._cpu_weights)
         except ModelError as e:
             self.load_error = e
         except Exception as e:  # a bug or an MLX failure: report, do not hang
             log.exception("model load failed")
             self.load_error = ModelError(f"model load failed: {e}")
-        self.load_seconds = time.perf_counter() - started
         self._loaded.set()
         if self.load_error is not None:
             return
