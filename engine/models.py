@@ -27,6 +27,9 @@ EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 # Bump when the importer's output changes, so stale imports are redone.
 IMPORT_VERSION = 1
+# The float32 copy made on CPU may take at most this share of physical memory;
+# beyond it the stored (quantized) weights are kept.
+FLOAT32_MEMORY_SHARE = 0.5
 # Used when neither the model config nor the tokenizer states a window.
 FALLBACK_CONTEXT_WINDOW = 4096
 # Debian's threaded OpenBLAS (package libopenblas0-pthread). MLX's Linux CPU
@@ -193,20 +196,43 @@ def load(spec, cpu_weights="float32"):
     location, name = resolve(spec)
     try:
         model, tokenizer, config = mlx_load(str(location), return_config=True)
-    except ModelError:
-        raise
     except Exception as e:
         raise ModelError(_load_hint(spec, e)) from e
     device = _device_name(mx)
     weights = "as stored"
     if device == "cpu" and cpu_weights == "float32":
-        dequantize_model(model)
-        weights = f"float32 ({openblas or 'bundled reference BLAS'})"
+        if _float32_bytes(model) <= FLOAT32_MEMORY_SHARE * _physical_memory():
+            dequantize_model(model)
+            weights = f"float32 ({openblas or 'bundled reference BLAS'})"
+        else:
+            log.warning("keeping %s's weights as stored: as float32 they would not "
+                        "fit comfortably in memory", name)
     window = (config.get("max_position_embeddings")
               or getattr(tokenizer, "model_max_length", None))
     if not isinstance(window, int) or window <= 0 or window > 10_000_000:
         window = FALLBACK_CONTEXT_WINDOW
     return LoadedModel(model, tokenizer, name, window, device, weights)
+
+
+def _float32_bytes(model):
+    """What the model's parameters would take as float32 (quantized unpacked)."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    for _, m in model.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            # Counted packed above: the weight's words, its scales and biases.
+            total -= m.weight.size + m.scales.size + (m.biases.size if "biases" in m else 0)
+            total += m.weight.size * 32 // m.bits
+    return 4 * total
+
+
+def _physical_memory():
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return float("inf")  # unknown: do not refuse the faster format
 
 
 def _load_hint(spec, error):

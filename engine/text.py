@@ -7,6 +7,7 @@ might be the start of a stop sequence.
 Never: runs the model. Pure given a tokenizer, so tests drive it directly.
 """
 
+
 class RenderError(ValueError):
     """The conversation cannot be rendered with this model's template."""
 

@@ -256,3 +256,21 @@ def test_gguf_path_is_imported_into_the_cache(monkeypatch, tmp_path):
     assert sorted(p.name for p in location.iterdir()) == [
         "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     assert not [p for p in location.parent.iterdir() if p.name.startswith(".")]  # no temp left
+
+
+def test_cpu_float32_only_when_it_fits_in_memory(tiny_model_dir, monkeypatch):
+    from engine import models
+
+    assert models.load(str(tiny_model_dir)).weights.startswith("float32")
+    monkeypatch.setattr(models, "FLOAT32_MEMORY_SHARE", 0.0)
+    assert models.load(str(tiny_model_dir)).weights == "as stored"
+
+
+def test_float32_size_of_a_quantized_model(smollm_dir):
+    from mlx_lm import load as mlx_load
+
+    from engine.models import _float32_bytes
+
+    model, _ = mlx_load(str(smollm_dir))
+    # SmolLM2-135M: 134.5M parameters once unpacked, 4 bytes each.
+    assert _float32_bytes(model) == 4 * 134_515_008
