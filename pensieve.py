@@ -29,10 +29,12 @@ import sys
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
+from urllib.parse import unquote
 
 import h11
 
-from engine import Failed, Finished, GenerationRequest, TextDelta
+from engine import (CountRequest, Counted, Failed, Finished, GenerationRequest,
+                    TextDelta)
 
 log = logging.getLogger("pensieve.http")
 
@@ -62,6 +64,16 @@ READ_TIMEOUT_S = 30
 DRAIN_LIMIT_BYTES = 1024 * 1024
 DRAIN_TIMEOUT_S = 2
 SERVER_HEADER = b"pensieve"
+# A streaming request that has produced nothing for this long gets a ping
+# event, so a client's idle watchdog never fires during a long prefill.
+PING_INTERVAL_S = 10
+# Claude Code lists only model ids containing "claude"; the served model is
+# also listed under this name (and under any --alias).
+CLAUDE_ALIAS = "claude-pensieve"
+# The first system block Claude Code sends: billing metadata that changes on
+# every request. Dropped before rendering: it means nothing to a local model
+# and would change the prompt's first tokens, defeating prefix reuse.
+BILLING_PREFIX = "x-anthropic-billing-header:"
 
 
 # === Configuration ============================================================
@@ -77,6 +89,7 @@ class Config:
     api_key: str = DEFAULT_API_KEY
     max_waiting: int = DEFAULT_MAX_WAITING
     cpu_weights: str = "float32"  # "float32" or "stored" (keep quantized)
+    aliases: tuple = ()  # ((name, target), ...): requests for name go to target
 
 
 # === Errors ===================================================================
@@ -237,12 +250,12 @@ def _system(body):
         if not isinstance(block, dict) or block.get("type") != "text" \
                 or not isinstance(block.get("text"), str):
             raise invalid(f"system.{i}", "Input should be a text block")
-        parts.append(block["text"])
+        if not block["text"].startswith(BILLING_PREFIX):
+            parts.append(block["text"])
     return "\n\n".join(parts)
 
 
-def parse_messages_request(raw):
-    """Validate a request body (bytes) into a MessagesRequest or raise ApiError."""
+def _json_object(raw):
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as e:
@@ -255,6 +268,51 @@ def parse_messages_request(raw):
     if not isinstance(model, str) or not model:
         raise invalid("model", "Field required" if model is None
                       else "Input should be a non-empty string")
+    return body
+
+
+def _tools(body):
+    """Tool definitions reduced to what the prompt needs, in the client's order."""
+    tools = body.get("tools")
+    if tools is None:
+        return ()
+    if not isinstance(tools, list):
+        raise invalid("tools", "Input should be a valid list")
+    out = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
+            raise invalid(f"tools.{i}", "Input should be a tool with a 'name'")
+        if "input_schema" not in tool:
+            continue  # a server tool (web search, ...): nothing a local model can run
+        if not isinstance(tool["input_schema"], dict):
+            raise invalid(f"tools.{i}.input_schema", "Input should be an object")
+        entry = {"name": tool["name"]}
+        if isinstance(tool.get("description"), str):
+            entry["description"] = tool["description"]
+        entry["input_schema"] = tool["input_schema"]
+        out.append(entry)
+    return tuple(out)
+
+
+def _conversation(body):
+    """System prompt and messages as (role, text) pairs, the system first."""
+    messages = _messages(body)
+    system = _system(body)
+    if system:
+        messages.insert(0, ("system", system))
+    return tuple(messages)
+
+
+def parse_count_request(raw):
+    """Validate a ``/v1/messages/count_tokens`` body into (model, CountRequest)."""
+    body = _json_object(raw)
+    return body["model"], CountRequest(_conversation(body), _tools(body))
+
+
+def parse_messages_request(raw):
+    """Validate a request body (bytes) into a MessagesRequest or raise ApiError."""
+    body = _json_object(raw)
+    model = body["model"]
     max_tokens = _integer(body, "max_tokens", 1, required=True)
     stops = body.get("stop_sequences") or []
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
@@ -264,13 +322,10 @@ def parse_messages_request(raw):
         raise invalid("stream", "Input should be a valid boolean")
     if body.get("metadata") is not None and not isinstance(body["metadata"], dict):
         raise invalid("metadata", "Input should be an object")
-    messages = _messages(body)
-    system = _system(body)
-    if system:
-        messages.insert(0, ("system", system))
+    messages = _conversation(body)
     temperature = _number(body, "temperature", 0.0, 1.0)
     return MessagesRequest(model=model, stream=stream, generation=GenerationRequest(
-        messages=tuple(messages), max_tokens=max_tokens,
+        messages=messages, max_tokens=max_tokens, tools=_tools(body),
         temperature=1.0 if temperature is None else temperature,  # the API's default
         top_p=_number(body, "top_p", 0.0, 1.0),
         top_k=_integer(body, "top_k", 0),
@@ -318,8 +373,12 @@ def stream_start_events(message_id, model, input_tokens):
         sse_event("content_block_start", {"type": "content_block_start", "index": 0,
                                           "content_block": {"type": "text",
                                                             "text": ""}}),
-        sse_event("ping", {"type": "ping"}),
+        stream_ping_event(),
     ]
+
+
+def stream_ping_event():
+    return sse_event("ping", {"type": "ping"})
 
 
 def stream_delta_event(text):
@@ -354,6 +413,17 @@ class ClientGone(Exception):
 @dataclass(frozen=True)
 class _Disconnected:
     """Put on a request's queue when its client hangs up mid-request."""
+
+
+@dataclass(frozen=True)
+class _Tick:
+    """Put on a streaming request's queue every PING_INTERVAL_S: send a ping."""
+
+
+async def _tick(queue):
+    while True:
+        await asyncio.sleep(PING_INTERVAL_S)
+        queue.put_nowait(_Tick())
 
 
 def _has_body(request):
@@ -608,7 +678,11 @@ class Server:
             "/": {"GET": self.root, "HEAD": self.root},
             "/health": {"GET": self.health, "HEAD": self.health},
             "/v1/messages": {"POST": self.messages},
+            "/v1/messages/count_tokens": {"POST": self.count_tokens},
+            "/v1/models": {"GET": self.models},
+            "/v1/models/": {"GET": self.model_info},  # a prefix: /v1/models/{id}
         }
+        self._aliases = dict(self.config.aliases)
 
     async def serve(self):
         self._loop = asyncio.get_running_loop()
@@ -664,7 +738,8 @@ class Server:
     # Routes.
 
     async def route(self, http, method, path, request):
-        methods = self._routes.get(path)
+        key = "/v1/models/" if path.startswith("/v1/models/") else path
+        methods = self._routes.get(key)
         if methods is None:
             raise ApiError(404, f"no route for {path}")
         handler = methods.get(method)
@@ -691,13 +766,54 @@ class Server:
             **self.engine.stats(),
         }
 
-    async def messages(self, http, request):
+    # Models: one is loaded; any requested name is served by it unless an
+    # --alias maps that name to a model this server does not have.
+
+    def _model_names(self):
+        names = [self._model.name, CLAUDE_ALIAS, *self._aliases]
+        return list(dict.fromkeys(names))
+
+    def _check_model(self, name):
+        target = self._aliases.get(name)
+        if target is not None and target not in (self._model.name, self.config.model,
+                                                 CLAUDE_ALIAS):
+            raise ApiError(404, f"model: {name} is an alias of {target}, which this "
+                                f"server does not serve (it serves {self._model.name})")
+
+    def _model_entry(self, name):
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._started_at))
+        return {"type": "model", "id": name, "display_name": name, "created_at": created}
+
+    async def models(self, http, request):
+        self._require_key(request)
+        names = self._model_names()
+        await http.respond(200, {"data": [self._model_entry(n) for n in names],
+                                 "has_more": False, "first_id": names[0],
+                                 "last_id": names[-1]})
+
+    async def model_info(self, http, request):
+        self._require_key(request)
+        name = unquote(request.target.decode("ascii", "replace").split("?")[0]
+                       [len("/v1/models/"):])
+        if not name:
+            raise ApiError(404, "no model id given")
+        self._check_model(name)
+        await http.respond(200, self._model_entry(name))
+
+    def _require_key(self, request):
         if not _authorized(request, self.config.api_key):
             raise ApiError(401, "invalid x-api-key")
-        parsed = parse_messages_request(await http.read_body(request))
-        if self.engine.stats()["waiting"] >= self.config.max_waiting:
-            raise ApiError(529, "the server is busy; retry shortly",
-                           [(b"retry-after", str(RETRY_AFTER_S).encode())])
+
+    async def count_tokens(self, http, request):
+        self._require_key(request)
+        model, count = parse_count_request(await http.read_body(request))
+        self._check_model(model)
+        result = await self._submit(http, count)
+        await http.respond(200, {"input_tokens": result.input_tokens})
+
+    async def _submit(self, http, request, handle=None):
+        """Run ``request`` on the engine; ``handle(first, queue)`` takes over the
+        answer once the engine has accepted it. Returns the first message."""
         queue = asyncio.Queue()
         loop = self._loop
 
@@ -707,7 +823,7 @@ class Server:
             except RuntimeError:  # the loop has closed: nobody is listening
                 pass
 
-        job = self.engine.submit(parsed.generation, deliver)
+        job = self.engine.submit(request, deliver)
         watcher = asyncio.create_task(http.watch_disconnect(queue))
         try:
             first = await queue.get()
@@ -715,16 +831,29 @@ class Server:
                 raise ClientGone()
             if isinstance(first, Failed):
                 raise _engine_error(first)
-            if parsed.stream:
-                await self._stream(http, parsed, first, queue)
-            else:
-                await self._complete(http, parsed, queue)
+            if handle is not None:
+                await handle(first, queue)
+            return first
         finally:
             job.cancel()
             watcher.cancel()
             # Wait for the watcher to leave reader.read(): the connection loop
             # reads next, and a stream allows one reader at a time.
             await asyncio.wait([watcher])
+
+    async def messages(self, http, request):
+        self._require_key(request)
+        parsed = parse_messages_request(await http.read_body(request))
+        self._check_model(parsed.model)
+        if self.engine.stats()["waiting"] >= self.config.max_waiting:
+            raise ApiError(529, "the server is busy; retry shortly",
+                           [(b"retry-after", str(RETRY_AFTER_S).encode())])
+        if parsed.stream:
+            await self._submit(http, parsed.generation,
+                               lambda first, queue: self._stream(http, parsed, first, queue))
+        else:
+            await self._submit(http, parsed.generation,
+                               lambda first, queue: self._complete(http, parsed, queue))
 
     async def _complete(self, http, parsed, queue):
         parts = []
@@ -748,6 +877,14 @@ class Server:
         ])))
         await http.send(h11.Data(data=b"".join(stream_start_events(
             new_message_id(), parsed.model, accepted.input_tokens))))
+        ticker = asyncio.create_task(_tick(queue))
+        try:
+            await self._stream_events(http, queue)
+        finally:
+            ticker.cancel()
+        await http.send(h11.EndOfMessage())
+
+    async def _stream_events(self, http, queue):
         done = False
         while not done:
             # Everything that arrived since the last write goes out in one
@@ -765,6 +902,9 @@ class Server:
                 if text:
                     events.append(stream_delta_event("".join(text)))
                     text = []
+                if isinstance(msg, _Tick):
+                    events.append(stream_ping_event())
+                    continue
                 done = True
                 if isinstance(msg, Finished):
                     _log_finished(http.request_id, msg)
@@ -780,7 +920,6 @@ class Server:
             if text:
                 events.append(stream_delta_event("".join(text)))
             await http.send(h11.Data(data=b"".join(events)))
-        await http.send(h11.EndOfMessage())
 
 
 def _log_finished(request_id, done):
@@ -816,7 +955,15 @@ def _non_negative(text):
     return value
 
 
+def _alias(text):
+    name, sep, target = text.strip().partition("=")
+    if not sep or not name.strip() or not target.strip():
+        raise ValueError(text)
+    return name.strip(), target.strip()
+
+
 _port.__name__ = "port"  # argparse names the type in its error message
+_alias.__name__ = "alias (NAME=MODEL)"
 _non_negative.__name__ = "non-negative integer"
 
 
@@ -849,10 +996,22 @@ def parse_args(argv=None):
                         help="on the CPU backend, run quantized models as float32 "
                              "(faster on x86) or as stored [PENSIEVE_CPU_WEIGHTS] "
                              "(default %(default)s)")
+    parser.add_argument("--alias", action="append", type=_alias, metavar="NAME=MODEL",
+                        help="serve requests for model NAME with MODEL (the loaded "
+                             "model's name or --model value); repeatable; NAME is "
+                             "also listed by /v1/models [PENSIEVE_ALIASES, "
+                             "comma-separated]")
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
                         choices=("debug", "info", "warning", "error"),
                         help="logging level [PENSIEVE_LOG_LEVEL] (default %(default)s)")
     args = parser.parse_args(argv)
+    if args.alias is None:  # flags win over the variable, as for every option
+        try:
+            args.alias = [_alias(a) for a in (_env("ALIASES") or "").split(",")
+                          if a.strip()]
+        except ValueError as e:
+            parser.error(f"argument --alias: invalid {_alias.__name__} value: "
+                         f"'{e}' (from PENSIEVE_ALIASES)")
     # argparse checks choices on flags, not on defaults from the environment.
     for action in parser._actions:
         value = getattr(args, action.dest, None)
@@ -861,7 +1020,7 @@ def parse_args(argv=None):
                          f"{value!r} (choose from {', '.join(action.choices)})")
     config = Config(host=args.host, port=args.port, model=args.model,
                     api_key=args.api_key, max_waiting=args.max_waiting,
-                    cpu_weights=args.cpu_weights)
+                    cpu_weights=args.cpu_weights, aliases=tuple(args.alias))
     return config, args.log_level
 
 

@@ -41,10 +41,24 @@ class GenerationRequest:
 
     messages: tuple  # ((role, text), ...) with role in system/user/assistant
     max_tokens: int
+    tools: tuple = ()  # Anthropic tool definitions: name, description, input_schema
     temperature: float = 1.0
     top_p: float | None = None
     top_k: int | None = None
     stop_sequences: tuple = ()
+
+
+@dataclass(frozen=True)
+class CountRequest:
+    """Only count the tokens ``messages`` and ``tools`` would take as a prompt."""
+
+    messages: tuple
+    tools: tuple = ()
+
+
+@dataclass(frozen=True)
+class Counted:
+    input_tokens: int
 
 
 @dataclass(frozen=True)
@@ -201,13 +215,19 @@ class Engine:
 
     def _admit(self, job):
         try:
-            prompt = render_prompt(self.model.tokenizer, job.request.messages)
+            prompt = render_prompt(self.model.tokenizer, job.request.messages,
+                                   job.request.tools)
         except RenderError as e:
             job.deliver(Failed("invalid_request", str(e)))
             return
         except Exception as e:  # a tokenizer bug must not end the engine thread
             log.exception("rendering failed (job %d)", job.id)
             job.deliver(Failed("internal", f"prompt rendering failed: {e}"))
+            return
+        if isinstance(job.request, CountRequest):
+            # The same rendering generation uses, so the numbers agree; a
+            # count may exceed the window (clients count to decide to compact).
+            job.deliver(Counted(len(prompt)))
             return
         window = self.model.context_window
         # At least one token of room must be left for the answer.

@@ -7,6 +7,8 @@ might be the start of a stop sequence.
 Never: runs the model. Pure given a tokenizer, so tests drive it directly.
 """
 
+import json
+
 
 class RenderError(ValueError):
     """The conversation cannot be rendered with this model's template."""
@@ -39,15 +41,57 @@ def _fold_system(messages):
     return out
 
 
-def render_text(tokenizer, messages):
+TOOLS_INTRO = (
+    "You can call tools. Each tool is described by one JSON object per line "
+    "inside <tools></tools>:\n<tools>\n")
+TOOLS_OUTRO = (
+    "\n</tools>\nTo call a tool, answer with one line per call:\n"
+    '<tool_call>{"name": "<tool name>", "arguments": {<arguments as JSON>}}</tool_call>')
+
+
+def tools_section(tools):
+    """The fallback tool description for templates without tool support.
+
+    One compact JSON object per tool, keys in the client's order, so the text
+    is the same on every turn and the prompt prefix stays reusable.
+    """
+    lines = [json.dumps(t, ensure_ascii=False, separators=(", ", ": ")) for t in tools]
+    return TOOLS_INTRO + "\n".join(lines) + TOOLS_OUTRO
+
+
+def _template_takes_tools(tokenizer):
+    template = getattr(tokenizer, "chat_template", None)
+    return isinstance(template, str) and "tools" in template
+
+
+def _with_tools_section(messages, tools):
+    """Put the tools section at the end of the leading system message."""
+    section = tools_section(tools)
+    if messages and messages[0][0] == "system":
+        return [("system", f"{messages[0][1]}\n\n{section}"), *messages[1:]]
+    return [("system", section), *messages]
+
+
+def render_text(tokenizer, messages, tools=()):
     """Render ``messages`` ((role, text) pairs) as the prompt string.
 
-    A trailing assistant message is a prefill: the answer continues from it.
+    ``tools`` are Anthropic tool definitions (name, description,
+    input_schema): passed to templates that take tools, otherwise described in
+    the system prompt. A trailing assistant message is a prefill: the answer
+    continues from it.
     """
     messages = list(messages)
     prefill = ""
     if messages and messages[-1][0] == "assistant":
         prefill = messages.pop()[1]
+    kwargs = {}
+    if tools and getattr(tokenizer, "has_chat_template", False) \
+            and _template_takes_tools(tokenizer):
+        kwargs["tools"] = [{"type": "function", "function": {
+            "name": t["name"], "description": t.get("description", ""),
+            "parameters": t.get("input_schema", {})}} for t in tools]
+    elif tools:
+        messages = _with_tools_section(messages, tools)
     if not getattr(tokenizer, "has_chat_template", False):
         return _plain_render(messages) + (" " + prefill if prefill else "")
     attempts = [messages]
@@ -58,7 +102,7 @@ def render_text(tokenizer, messages):
         dicts = [{"role": role, "content": text} for role, text in attempt]
         try:
             text = tokenizer.apply_chat_template(dicts, add_generation_prompt=True,
-                                                 tokenize=False)
+                                                 tokenize=False, **kwargs)
         except Exception as e:  # jinja raises TemplateError and friends
             error = e
             continue
@@ -66,9 +110,9 @@ def render_text(tokenizer, messages):
     raise RenderError(f"the model's chat template rejected the conversation: {error}")
 
 
-def render_prompt(tokenizer, messages):
+def render_prompt(tokenizer, messages, tools=()):
     """Render ``messages`` and tokenize the result (template adds BOS itself)."""
-    text = render_text(tokenizer, messages)
+    text = render_text(tokenizer, messages, tools)
     return tokenizer.encode(text, add_special_tokens=False)
 
 

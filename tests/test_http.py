@@ -644,3 +644,51 @@ def test_stalled_body_is_408_and_close(srv, monkeypatch):
     assert_error(reply, 408, "invalid_request_error")
     assert reply.headers["connection"] == "close"
     assert srv.engine.jobs == []
+
+
+# --- Claude Code's needs: pings, models ------------------------------------------
+
+
+def test_pings_keep_a_slow_stream_alive(scripted, monkeypatch):
+    monkeypatch.setattr(pensieve, "PING_INTERVAL_S", 0.2)
+    srv = scripted(lambda request: [Accepted(3, 16), 1.0, TextDelta("late"), FINISHED])
+    with RawConnection(srv.port) as conn:
+        conn.send(raw_request(payload=body(stream=True)))
+        reply = conn.read_response()
+    names = [name for name, _ in sse_events(reply.body)]
+    assert names[0] == "message_start"
+    first_delta = names.index("content_block_delta")
+    assert names[:first_delta].count("ping") >= 3  # the initial one and the ticks
+    assert names[-1] == "message_stop"
+
+
+@pytest.fixture
+def aliased(scripted):
+    return scripted(aliases=(("claude-opus-4-8", "scripted"), ("gpt-9", "other-model")))
+
+
+def test_models_list(aliased):
+    reply = call(aliased, "GET", "/v1/models")
+    assert reply.status == 200
+    listing = reply.json
+    ids = [m["id"] for m in listing["data"]]
+    assert ids == ["scripted", "claude-pensieve", "claude-opus-4-8", "gpt-9"]
+    assert listing["has_more"] is False
+    assert (listing["first_id"], listing["last_id"]) == (ids[0], ids[-1])
+    for entry in listing["data"]:
+        assert entry["type"] == "model" and entry["display_name"] == entry["id"]
+        assert entry["created_at"].endswith("Z")
+
+
+def test_model_info_and_aliases(aliased):
+    reply = call(aliased, "GET", "/v1/models/claude-sonnet-4-6?beta=true")
+    assert reply.status == 200 and reply.json["id"] == "claude-sonnet-4-6"
+    assert call(aliased, "GET", "/v1/models/claude-opus-4-8").status == 200
+    assert_error(call(aliased, "GET", "/v1/models/gpt-9"), 404, "not_found_error")
+    message = assert_error(call(aliased, "POST", "/v1/messages", body(model="gpt-9")),
+                           404, "not_found_error")
+    assert "other-model" in message
+    ok = call(aliased, "POST", "/v1/messages", body(model="claude-opus-4-8"))
+    assert ok.status == 200 and ok.json["model"] == "claude-opus-4-8"
+    assert_error(call(aliased, "GET", "/v1/models", key="wrong"), 401,
+                 "authentication_error")

@@ -217,3 +217,53 @@ def test_real_template_renders_multi_turn(smollm_dir):
     assert text == ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n"
                     "<|im_start|>assistant\nA<|im_end|>\n<|im_start|>user\nV<|im_end|>\n"
                     "<|im_start|>assistant\n")
+
+
+# --- Tools in the prompt (the fallback for templates without tool support) ----------
+
+TOOLS = ({"name": "Read", "description": "Read a file.",
+          "input_schema": {"type": "object", "properties": {"path": {"type": "string"}},
+                           "required": ["path"]}},)
+
+
+def test_tools_are_reduced_to_what_the_prompt_needs():
+    req = parse(tools=[{"name": "Read", "description": "Read a file.", "cache_control":
+                        {"type": "ephemeral"}, "input_schema": TOOLS[0]["input_schema"]},
+                       {"type": "web_search_20250305", "name": "web_search"}])
+    assert req.generation.tools == TOOLS  # server tools (no input_schema) left out
+
+
+@pytest.mark.parametrize("tools, field", [
+    ({"name": "x"}, "tools"),
+    ([{"description": "no name"}], "tools.0"),
+    ([{"name": "x", "input_schema": "object"}], "tools.0.input_schema"),
+])
+def test_bad_tools(tools, field):
+    assert field in bad({"model": "m", "max_tokens": 5, "tools": tools,
+                         "messages": [{"role": "user", "content": "x"}]})
+
+
+def test_tools_section_joins_the_leading_system_message():
+    text = render_text(Template(), [("system", "S"), ("user", "U")], TOOLS)
+    # Template() refuses system roles, so everything was folded into the user turn.
+    assert text.startswith("<user>S\n\nYou can call tools.")
+    assert '{"name": "Read", "description": "Read a file.", "input_schema": ' in text
+    assert text.endswith("</tool_call>\n\nU<assistant>")
+
+
+def test_billing_line_is_dropped():
+    req = parse(system=[{"type": "text", "text": "x-anthropic-billing-header: cc_version=1; cch=2;"},
+                        {"type": "text", "text": "Be brief."}])
+    assert req.generation.messages[0] == ("system", "Be brief.")
+
+
+def test_inline_system_note_stays_in_place(smollm_dir):
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    req = parse(messages=[{"role": "user", "content": "a"},
+                          {"role": "assistant", "content": "b"},
+                          {"role": "system", "content": "note"},
+                          {"role": "user", "content": "c"}])
+    text = render_text(load_tokenizer(smollm_dir), req.generation.messages)
+    assert text.index("user\na") < text.index("assistant\nb") < \
+        text.index("system\nnote") < text.index("user\nc")
