@@ -18,12 +18,18 @@ EXTRAS := test$(if $(MLX),$(comma)$(MLX))
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(MLX)
 
-.PHONY: run test bench setup system-deps clean
+# The Claude Code CLI the end-to-end tests drive; pinned to the version whose
+# requests are recorded in tests/captures/.
+CLAUDE_CODE_VERSION ?= 2.1.197
+CLAUDE_DIR := .claude-cli
+CLAUDE_STAMP := $(CLAUDE_DIR)/.installed-$(CLAUDE_CODE_VERSION)
+
+.PHONY: run test bench setup system-deps claude-cli clean
 
 run: setup
 	$(PY) pensieve.py
 
-test: setup
+test: setup claude-cli
 	$(PY) -m pytest
 
 bench: setup
@@ -58,5 +64,15 @@ ifeq ($(UNAME),Linux)
 	fi
 endif
 
+claude-cli: $(CLAUDE_STAMP)
+
+$(CLAUDE_STAMP):
+	@if command -v npm >/dev/null; then \
+	  npm install --silent --no-audit --no-fund --prefix $(CLAUDE_DIR) \
+	    @anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION) && touch $@; \
+	else \
+	  echo "warning: npm not found; the Claude Code end-to-end tests will be skipped"; \
+	fi
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(CLAUDE_DIR) .pytest_cache

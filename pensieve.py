@@ -90,6 +90,9 @@ class Config:
     max_waiting: int = DEFAULT_MAX_WAITING
     cpu_weights: str = "float32"  # "float32" or "stored" (keep quantized)
     aliases: tuple = ()  # ((name, target), ...): requests for name go to target
+    # Used when a request names no temperature (Claude Code never does); the
+    # API's own default is 1.0, which small local models ramble at.
+    default_temperature: float = 1.0
 
 
 # === Errors ===================================================================
@@ -309,7 +312,7 @@ def parse_count_request(raw):
     return body["model"], CountRequest(_conversation(body), _tools(body))
 
 
-def parse_messages_request(raw):
+def parse_messages_request(raw, default_temperature=1.0):
     """Validate a request body (bytes) into a MessagesRequest or raise ApiError."""
     body = _json_object(raw)
     model = body["model"]
@@ -326,7 +329,7 @@ def parse_messages_request(raw):
     temperature = _number(body, "temperature", 0.0, 1.0)
     return MessagesRequest(model=model, stream=stream, generation=GenerationRequest(
         messages=messages, max_tokens=max_tokens, tools=_tools(body),
-        temperature=1.0 if temperature is None else temperature,  # the API's default
+        temperature=default_temperature if temperature is None else temperature,
         top_p=_number(body, "top_p", 0.0, 1.0),
         top_k=_integer(body, "top_k", 0),
         stop_sequences=tuple(dict.fromkeys(stops))))
@@ -843,8 +846,11 @@ class Server:
 
     async def messages(self, http, request):
         self._require_key(request)
-        parsed = parse_messages_request(await http.read_body(request))
+        parsed = parse_messages_request(await http.read_body(request),
+                                        self.config.default_temperature)
         self._check_model(parsed.model)
+        log.debug("%s tools: %s", http.request_id,
+                  [t["name"] for t in parsed.generation.tools])
         if self.engine.stats()["waiting"] >= self.config.max_waiting:
             raise ApiError(529, "the server is busy; retry shortly",
                            [(b"retry-after", str(RETRY_AFTER_S).encode())])
@@ -863,7 +869,7 @@ class Server:
                 parts.append(msg.text)
             elif isinstance(msg, Finished):
                 body = message_body(new_message_id(), parsed.model, "".join(parts), msg)
-                _log_finished(http.request_id, msg)
+                _log_finished(http.request_id, msg, "".join(parts))
                 return await http.respond(200, body)
             elif isinstance(msg, _Disconnected):
                 raise ClientGone()
@@ -885,6 +891,7 @@ class Server:
         await http.send(h11.EndOfMessage())
 
     async def _stream_events(self, http, queue):
+        sent = []  # the answer, for the debug log
         done = False
         while not done:
             # Everything that arrived since the last write goes out in one
@@ -898,6 +905,7 @@ class Server:
             for msg in batch:
                 if isinstance(msg, TextDelta):
                     text.append(msg.text)
+                    sent.append(msg.text)
                     continue
                 if text:
                     events.append(stream_delta_event("".join(text)))
@@ -907,7 +915,7 @@ class Server:
                     continue
                 done = True
                 if isinstance(msg, Finished):
-                    _log_finished(http.request_id, msg)
+                    _log_finished(http.request_id, msg, "".join(sent))
                     events += stream_end_events(msg)
                 elif isinstance(msg, _Disconnected):
                     raise ClientGone()
@@ -922,15 +930,142 @@ class Server:
             await http.send(h11.Data(data=b"".join(events)))
 
 
-def _log_finished(request_id, done):
+def _log_finished(request_id, done, text):
     log.info("%s done: %d prompt + %d output tokens, engine ttft %.1f ms, "
              "%.1f tok/s, %s", request_id, done.input_tokens, done.output_tokens,
              done.time_to_first_token * 1000, done.decode_tps, done.stop_reason)
+    log.debug("%s text: %s", request_id, json.dumps(text, ensure_ascii=False))
 
 
 def _engine_error(failed):
     status = 400 if failed.kind == "invalid_request" else 500
     return ApiError(status, failed.message)
+
+
+# === Claude Code set-up =======================================================
+
+# How long Claude Code waits for an answer: local prefill of its ~24k-token
+# requests can take minutes on a laptop, far beyond its default.
+CLAUDE_API_TIMEOUT_MS = 1_800_000
+SETTINGS_BACKUP_SUFFIX = ".pensieve-backup.json"
+
+
+class SetupError(Exception):
+    """Claude Code's settings cannot be changed safely; nothing was written."""
+
+
+def claude_env(config):
+    """The environment that points Claude Code at this server."""
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+    return {"ANTHROPIC_BASE_URL": f"http://{host}:{config.port}",
+            "ANTHROPIC_AUTH_TOKEN": config.api_key,
+            "API_TIMEOUT_MS": str(CLAUDE_API_TIMEOUT_MS),
+            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
+
+
+def claude_settings_path():
+    base = os.environ.get("CLAUDE_CONFIG_DIR") or os.path.join(
+        os.path.expanduser("~"), ".claude")
+    return os.path.join(base, "settings.json")
+
+
+def _read_json(path, default):
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return default
+    except (OSError, ValueError) as e:
+        raise SetupError(f"{path} is not valid JSON ({e}); fix or move it, then "
+                         "run this again. It was left untouched.") from None
+    if not isinstance(data, dict) or not isinstance(data.get("env", {}), dict):
+        raise SetupError(f"{path} is not a Claude Code settings object (with an "
+                         "'env' object); it was left untouched.")
+    return data
+
+
+def _write_json(path, data):
+    """Write atomically: a crash leaves the old file or the new one, never half."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def setup_claude_code(config, undo=False, path=None):
+    """Merge (or, with ``undo``, take back) this server's entries in Claude
+    Code's settings. Returns a one-line summary."""
+    path = path or claude_settings_path()
+    backup_path = path + SETTINGS_BACKUP_SUFFIX
+    settings = _read_json(path, {})
+    env = dict(settings.get("env", {}))
+    if undo:
+        backup = _read_json(backup_path, None)
+        if backup is None:
+            return f"nothing to undo: {path} was not set up by pensieve"
+        for key, value in backup["env"].items():
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value
+        _write_json(path, {**settings, "env": env} if env or "env" in settings
+                    else settings)
+        os.remove(backup_path)
+        return f"restored the previous Claude Code settings in {path}"
+    wanted = claude_env(config)
+    if all(env.get(k) == v for k, v in wanted.items()):
+        return f"{path} already points Claude Code at {wanted['ANTHROPIC_BASE_URL']}"
+    if not os.path.exists(backup_path):  # from before the first set-up
+        _write_json(backup_path, {"env": {k: env.get(k) for k in wanted},
+                                  "settings": settings})
+    _write_json(path, {**settings, "env": {**env, **wanted}})
+    return f"Claude Code now uses {wanted['ANTHROPIC_BASE_URL']} ({path})"
+
+
+def _server_is_up(config, timeout=2):
+    import urllib.request
+
+    url = claude_env(config)["ANTHROPIC_BASE_URL"] + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return json.load(r).get("status") == "healthy"
+    except (OSError, ValueError):
+        return False
+
+
+def launch_claude(config, args, server_argv):
+    """Run the ``claude`` CLI against this server, starting one if none answers."""
+    import shutil
+    import subprocess
+
+    claude = shutil.which("claude")
+    if claude is None:
+        raise SetupError("the Claude Code CLI is not on PATH; install it with "
+                         "`npm install -g @anthropic-ai/claude-code`")
+    if not _server_is_up(config):
+        log_path = os.path.join(os.path.dirname(claude_settings_path()),
+                                "pensieve-server.log")
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        with open(log_path, "a") as log_file:
+            server = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), *server_argv],
+                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True)  # outlives this command, like a daemon
+        print(f"pensieve: started the server in the background, pid {server.pid} "
+              f"(log: {log_path})", file=sys.stderr)
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while not _server_is_up(config):
+            if time.monotonic() > deadline:
+                raise SetupError(f"the server did not start; see {log_path}")
+            time.sleep(0.5)
+    env = {**os.environ, **claude_env(config)}
+    return subprocess.run([claude, *args], env=env).returncode
+
+
+# The launcher waits this long for a server it started (model import included).
+SERVER_START_TIMEOUT_S = 600
 
 
 # === Command line =============================================================
@@ -955,6 +1090,13 @@ def _non_negative(text):
     return value
 
 
+def _temperature(text):
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(text)
+    return value
+
+
 def _alias(text):
     name, sep, target = text.strip().partition("=")
     if not sep or not name.strip() or not target.strip():
@@ -964,6 +1106,7 @@ def _alias(text):
 
 _port.__name__ = "port"  # argparse names the type in its error message
 _alias.__name__ = "alias (NAME=MODEL)"
+_temperature.__name__ = "temperature (0 to 1)"
 _non_negative.__name__ = "non-negative integer"
 
 
@@ -973,7 +1116,11 @@ def parse_args(argv=None):
         prog="pensieve.py",
         description="Serve the Anthropic Messages API from a local MLX model. "
                     "Every option can also be set by the environment variable "
-                    "shown in brackets.")
+                    "shown in brackets.",
+        epilog="Claude Code: `pensieve.py [OPTIONS] setup-claude-code [--undo]` "
+               "points ~/.claude/settings.json at this server (--undo takes it "
+               "back); `pensieve.py [OPTIONS] claude [ARGS...]` runs the claude CLI "
+               "against it, starting the server first if none answers.")
     parser.add_argument("--host", default=_env("HOST", DEFAULT_HOST),
                         help="address to bind [PENSIEVE_HOST] (default %(default)s)")
     # String defaults go through `type`, so a bad PENSIEVE_* value is reported
@@ -996,6 +1143,11 @@ def parse_args(argv=None):
                         help="on the CPU backend, run quantized models as float32 "
                              "(faster on x86) or as stored [PENSIEVE_CPU_WEIGHTS] "
                              "(default %(default)s)")
+    parser.add_argument("--default-temperature", type=_temperature,
+                        default=_env("DEFAULT_TEMPERATURE", "1.0"),
+                        help="temperature for requests that name none (Claude Code "
+                             "sends none; 0 is greedy) [PENSIEVE_DEFAULT_TEMPERATURE] "
+                             "(default %(default)s, the API's)")
     parser.add_argument("--alias", action="append", type=_alias, metavar="NAME=MODEL",
                         help="serve requests for model NAME with MODEL (the loaded "
                              "model's name or --model value); repeatable; NAME is "
@@ -1020,7 +1172,8 @@ def parse_args(argv=None):
                          f"{value!r} (choose from {', '.join(action.choices)})")
     config = Config(host=args.host, port=args.port, model=args.model,
                     api_key=args.api_key, max_waiting=args.max_waiting,
-                    cpu_weights=args.cpu_weights, aliases=tuple(args.alias))
+                    cpu_weights=args.cpu_weights, aliases=tuple(args.alias),
+                    default_temperature=args.default_temperature)
     return config, args.log_level
 
 
@@ -1033,6 +1186,20 @@ async def _run(config):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if "setup-claude-code" in argv:
+            # python pensieve.py [SERVER OPTIONS] setup-claude-code [--undo]
+            rest = [a for a in argv if a not in ("setup-claude-code", "--undo")]
+            print(setup_claude_code(parse_args(rest)[0], undo="--undo" in argv))
+            return 0
+        if "claude" in argv:
+            # python pensieve.py [SERVER OPTIONS] claude [CLAUDE ARGS...]
+            at = argv.index("claude")
+            return launch_claude(parse_args(argv[:at])[0], argv[at + 1:], argv[:at])
+    except SetupError as e:
+        print(f"pensieve: {e}", file=sys.stderr)
+        return 2
     config, level = parse_args(argv)
     logging.basicConfig(level=level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

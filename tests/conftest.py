@@ -149,26 +149,43 @@ def wait_healthy(url, proc, timeout=180):
     raise TimeoutError("server did not become healthy")
 
 
+class PensieveProcess:
+    """``python pensieve.py ARGS`` on a free port, its output in a log file."""
+
+    def __init__(self, cache_dir, *args, name="server"):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = cache_dir / f"{name}.log"
+        env = {**os.environ, "PENSIEVE_CACHE_DIR": str(cache_dir),
+               "PENSIEVE_PORT": str(self.port), "PYTHONUNBUFFERED": "1"}
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "pensieve.py"), *args],
+                                     env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=ROOT)
+        try:
+            wait_healthy(self.url, self.proc)
+        except BaseException:
+            self.stop()
+            raise
+
+    def log(self):
+        return self.log_path.read_text()
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._log.close()
+
+
 @pytest.fixture(scope="session")
 def real_server(cache_dir, smollm_dir):
     """``python pensieve.py`` on the embedded SmolLM2, as a user starts it."""
-    port = free_port()
-    env = {**os.environ, "PENSIEVE_CACHE_DIR": str(cache_dir),
-           "PENSIEVE_PORT": str(port), "PYTHONUNBUFFERED": "1"}
-    log = open(cache_dir / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "pensieve.py")], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    server = PensieveProcess(cache_dir)
+    yield server.url
+    server.stop()
 
 
 # --- A scripted engine for timing and fault cases ------------------------------

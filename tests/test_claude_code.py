@@ -101,3 +101,84 @@ def test_probe_is_answered(real_server):
     request = urllib.request.Request(real_server + "/", method="HEAD")
     with urllib.request.urlopen(request, timeout=30) as r:
         assert r.status == 200
+
+
+# --- The real CLI against the real server ------------------------------------------
+
+import os  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+
+from conftest import ROOT, PensieveProcess  # noqa: E402
+
+import pensieve  # noqa: E402
+
+CLAUDE = shutil.which("claude", path=str(ROOT / ".claude-cli" / "node_modules" / ".bin")) \
+    or shutil.which("claude")
+needs_cli = pytest.mark.skipif(CLAUDE is None, reason="Claude Code CLI not installed "
+                               "(make test installs it with npm)")
+
+
+@pytest.fixture(scope="module")
+def greedy_server(cache_dir, smollm_dir):
+    """The embedded model, greedy when a request names no temperature (as
+    Claude Code's never do), logging each answer's text."""
+    server = PensieveProcess(cache_dir, "--default-temperature", "0", "--log-level",
+                             "debug", name="claude-server")
+    yield server
+    server.stop()
+
+
+def run_claude(server, tmp_path, *args):
+    env = {**os.environ, **pensieve.claude_env(pensieve.Config(port=server.port)),
+           "CLAUDE_CONFIG_DIR": str(tmp_path / "claude-config"),
+           # A 135M model can ramble; the CLI then stops with its own error.
+           "CLAUDE_CODE_MAX_OUTPUT_TOKENS": "256"}
+    return subprocess.run([CLAUDE, *args], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL, timeout=600)
+
+
+def answers(log):
+    """The text of every answer the server logged, by request id."""
+    return {rid: json.loads(text) for rid, text in
+            re.findall(r"(req_\w+) text: (.*)", log)}
+
+
+@needs_cli
+def test_cli_prints_what_the_server_generated(greedy_server, tmp_path):
+    out = run_claude(greedy_server, tmp_path, "-p", "What is the capital of France?",
+                     "--bare", "--tools", "")
+    assert out.returncode == 0, out.stdout + out.stderr
+    generated = answers(greedy_server.log())
+    assert out.stdout.strip() in [text.strip() for text in generated.values()]
+    assert out.stdout.strip()
+
+
+@needs_cli
+def test_cli_with_tools(greedy_server, tmp_path):
+    before = set(answers(greedy_server.log()))
+    out = run_claude(greedy_server, tmp_path, "-p", "What is 2+2?", "--bare",
+                     "--tools", "Bash,Read", "--allowedTools", "Bash,Read")
+    assert out.returncode == 0, out.stdout + out.stderr
+    log = greedy_server.log()
+    new = set(answers(log)) - before
+    assert new  # every request was answered to the end (its text is logged)
+    assert "stream failed" not in log and "Traceback" not in log
+    assert re.search(r"tools: \['Bash', 'Read'\]", log)  # definitions reached the prompt
+
+
+@needs_cli
+def test_cli_full_tool_set_is_too_long(greedy_server, tmp_path):
+    out = run_claude(greedy_server, tmp_path, "-p", "hi")
+    assert out.returncode != 0
+    assert "Prompt is too long" in out.stdout + out.stderr
+    assert re.search(r"prompt is too long: \d+ tokens > 8191 maximum", greedy_server.log())
+    with urlopen(greedy_server.url + "/health") as r:
+        assert json.load(r)["status"] == "healthy"
+
+
+def urlopen(url):
+    import urllib.request
+
+    return urllib.request.urlopen(url, timeout=30)

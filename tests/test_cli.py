@@ -1,6 +1,9 @@
 """The command line as users run it: ``python pensieve.py ...`` in a subprocess."""
 
+import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -8,12 +11,14 @@ import sys
 
 import pytest
 
-from conftest import ROOT, free_port, wait_healthy
+from conftest import ROOT, free_port, wait_healthy  # noqa: F401
 
 OPTIONS = {"--host": "PENSIEVE_HOST", "--port": "PENSIEVE_PORT",
            "--model": "PENSIEVE_MODEL", "--api-key": "PENSIEVE_API_KEY",
            "--max-waiting": "PENSIEVE_MAX_WAITING", "--cpu-weights": "PENSIEVE_CPU_WEIGHTS",
-           "--log-level": "PENSIEVE_LOG_LEVEL"}
+           "--log-level": "PENSIEVE_LOG_LEVEL",
+           "--default-temperature": "PENSIEVE_DEFAULT_TEMPERATURE",
+           "--alias": "PENSIEVE_ALIASES"}
 
 
 def pensieve(*args, env=None, code=None, timeout=120):
@@ -107,3 +112,87 @@ def test_repo_id_that_cannot_be_fetched_is_one_clear_message(tmp_path):
     assert len(lines) == 1
     assert "Could not load 'mlx-community/No-Such-Model-4bit' from Hugging Face" in lines[0]
     assert lines[0].endswith("pass a local MLX directory or .gguf file.")
+
+
+# --- Claude Code set-up and launcher -------------------------------------------------
+
+
+def setup(config_dir, *args):
+    return pensieve(*args, env={"CLAUDE_CONFIG_DIR": str(config_dir)})
+
+
+def test_setup_claude_code_merges_backs_up_and_undoes(tmp_path):
+    settings = tmp_path / "settings.json"
+    original = {"model": "opus", "permissions": {"allow": ["Bash(ls)"]},
+                "env": {"FOO": "1", "API_TIMEOUT_MS": "5"}}
+    settings.write_text(json.dumps(original))
+    out = setup(tmp_path, "--port", "7788", "--api-key", "k", "setup-claude-code")
+    assert out.returncode == 0, out.stderr
+    merged = json.loads(settings.read_text())
+    assert merged["model"] == "opus" and merged["permissions"] == original["permissions"]
+    assert merged["env"] == {"FOO": "1", "API_TIMEOUT_MS": "1800000",
+                             "ANTHROPIC_BASE_URL": "http://127.0.0.1:7788",
+                             "ANTHROPIC_AUTH_TOKEN": "k",
+                             "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
+    backup = json.loads((tmp_path / "settings.json.pensieve-backup.json").read_text())
+    assert backup["settings"] == original
+    again = setup(tmp_path, "--port", "7788", "--api-key", "k", "setup-claude-code")
+    assert again.returncode == 0 and "already" in again.stdout
+    assert json.loads(settings.read_text()) == merged  # idempotent
+    undo = setup(tmp_path, "setup-claude-code", "--undo")
+    assert undo.returncode == 0, undo.stderr
+    assert json.loads(settings.read_text()) == original
+    assert not (tmp_path / "settings.json.pensieve-backup.json").exists()
+
+
+def test_setup_claude_code_creates_missing_settings(tmp_path):
+    out = setup(tmp_path / "new", "setup-claude-code")
+    assert out.returncode == 0
+    env = json.loads((tmp_path / "new" / "settings.json").read_text())["env"]
+    assert env["ANTHROPIC_BASE_URL"] == "http://127.0.0.1:7777"
+    assert env["ANTHROPIC_AUTH_TOKEN"] == "pensieve-local-token"
+    setup(tmp_path / "new", "setup-claude-code", "--undo")
+    assert json.loads((tmp_path / "new" / "settings.json").read_text()) == {"env": {}}
+
+
+def test_setup_claude_code_leaves_a_corrupt_file_alone(tmp_path):
+    settings = tmp_path / "settings.json"
+    settings.write_text("{not json")
+    out = setup(tmp_path, "setup-claude-code")
+    assert out.returncode == 2
+    assert out.stderr.startswith(f"pensieve: {settings} is not valid JSON")
+    assert "left untouched" in out.stderr and "Traceback" not in out.stderr
+    assert settings.read_text() == "{not json"
+    assert list(tmp_path.iterdir()) == [settings]
+
+
+CLAUDE = shutil.which("claude", path=str(ROOT / ".claude-cli" / "node_modules" / ".bin")) \
+    or shutil.which("claude")
+
+
+@pytest.mark.skipif(CLAUDE is None, reason="Claude Code CLI not installed")
+def test_launcher_starts_a_server_and_runs_claude(tmp_path, cache_dir, smollm_dir):
+    port = free_port()
+    env = {"CLAUDE_CONFIG_DIR": str(tmp_path), "PENSIEVE_CACHE_DIR": str(cache_dir),
+           "PATH": f"{os.path.dirname(CLAUDE)}:{os.environ['PATH']}",
+           "CLAUDE_CODE_MAX_OUTPUT_TOKENS": "256"}
+    out = pensieve("--port", str(port), "--default-temperature", "0", "claude",
+                   "-p", "What is the capital of France?", "--bare", "--tools", "",
+                   env=env, timeout=600)
+    pid = re.search(r"pid (\d+)", out.stderr)
+    try:
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert pid, out.stderr  # no server was listening: it started one
+        assert "Paris" in out.stdout
+        again = pensieve("--port", str(port), "claude", "--version", env=env)
+        assert again.returncode == 0 and "Claude Code" in again.stdout
+        assert "started the server" not in again.stderr  # reused the running one
+    finally:
+        if pid:
+            os.kill(int(pid.group(1)), signal.SIGTERM)
+
+
+def test_launcher_without_the_cli_says_how_to_install_it(tmp_path):
+    out = pensieve("claude", "-p", "hi", env={"PATH": str(tmp_path)})
+    assert out.returncode == 2
+    assert "npm install -g @anthropic-ai/claude-code" in out.stderr
