@@ -22,10 +22,12 @@ def _plain_render(messages):
 
 
 def _fold_system(messages):
-    """Fold system notes into the user turn that follows them.
+    """Fold system notes into a neighbouring user turn, in place.
 
-    For templates that refuse a system role: each system text is prefixed to
-    the next user message, in place, so the conversation order is kept.
+    For templates that refuse a system role after the first message: a note
+    is prefixed to the user turn that follows it, or, with none following,
+    appended to the user turn just before it; the conversation order is kept
+    and no turn is added (many templates insist that roles alternate).
     """
     out, pending = [], []
     for role, text in messages:
@@ -37,7 +39,10 @@ def _fold_system(messages):
         else:
             out.append((role, text))
     if pending:
-        out.append(("user", "\n\n".join(pending)))
+        if out and out[-1][0] == "user":
+            out[-1] = ("user", "\n\n".join([out[-1][1], *pending]))
+        else:
+            out.append(("user", "\n\n".join(pending)))
     return out
 
 

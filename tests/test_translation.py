@@ -204,6 +204,14 @@ def test_trailing_assistant_is_a_prefill():
         "<user>U<assistant>The answer is"
 
 
+def test_trailing_system_note_joins_the_user_turn_before_it():
+    # As Claude Code sends it: the note comes after the user's message.
+    assert _fold_system([("system", "S"), ("user", "U"), ("system", "note")]) == \
+        [("user", "S\n\nU\n\nnote")]
+    assert _fold_system([("user", "U"), ("assistant", "A"), ("system", "note")]) == \
+        [("user", "U"), ("assistant", "A"), ("user", "note")]
+
+
 def test_fold_system_keeps_order():
     assert _fold_system([("user", "a"), ("assistant", "b"), ("system", "note"), ("user", "c")]) == \
         [("user", "a"), ("assistant", "b"), ("user", "note\n\nc")]
