@@ -854,14 +854,11 @@ class Server:
         if self.engine.stats()["waiting"] >= self.config.max_waiting:
             raise ApiError(529, "the server is busy; retry shortly",
                            [(b"retry-after", str(RETRY_AFTER_S).encode())])
-        if parsed.stream:
-            await self._submit(http, parsed.generation,
-                               lambda first, queue: self._stream(http, parsed, first, queue))
-        else:
-            await self._submit(http, parsed.generation,
-                               lambda first, queue: self._complete(http, parsed, queue))
+        answer = self._stream if parsed.stream else self._complete
+        await self._submit(http, parsed.generation,
+                           lambda accepted, queue: answer(http, parsed, accepted, queue))
 
-    async def _complete(self, http, parsed, queue):
+    async def _complete(self, http, parsed, accepted, queue):
         parts = []
         while True:
             msg = await queue.get()
