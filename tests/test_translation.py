@@ -275,3 +275,21 @@ def test_inline_system_note_stays_in_place(smollm_dir):
     text = render_text(load_tokenizer(smollm_dir), req.generation.messages)
     assert text.index("user\na") < text.index("assistant\nb") < \
         text.index("system\nnote") < text.index("user\nc")
+
+
+class ToolTemplate(Template):
+    """A stand-in whose template takes tools in the function format."""
+    chat_template = "{% if tools %}...{% endif %}"
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize, tools=None):
+        self.tools = tools
+        return super().apply_chat_template(messages, add_generation_prompt, tokenize)
+
+
+def test_templates_that_take_tools_get_them_as_functions():
+    template = ToolTemplate()
+    text = render_text(template, [("user", "U")], TOOLS)
+    assert text == "<user>U<assistant>"  # nothing added to the messages
+    assert template.tools == [{"type": "function", "function": {
+        "name": "Read", "description": "Read a file.",
+        "parameters": TOOLS[0]["input_schema"]}}]
