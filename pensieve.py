@@ -93,6 +93,8 @@ class Config:
     # Used when a request names no temperature (Claude Code never does); the
     # API's own default is 1.0, which small local models ramble at.
     default_temperature: float = 1.0
+    # Bytes of KV cache kept for prefix reuse; None: 1/8 of physical memory.
+    prompt_cache_bytes: int | None = None
 
 
 # === Errors ===================================================================
@@ -346,9 +348,11 @@ def new_request_id():
     return "req_" + secrets.token_hex(12)
 
 
-def usage(input_tokens, output_tokens):
-    return {"input_tokens": input_tokens, "output_tokens": output_tokens,
-            "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+def usage(input_tokens, output_tokens, cached=0):
+    """Anthropic's usage: ``input_tokens`` are the prompt tokens processed,
+    ``cache_read_input_tokens`` those taken from the prompt cache instead."""
+    return {"input_tokens": input_tokens - cached, "output_tokens": output_tokens,
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
 
 
 def message_body(message_id, model, text, finished):
@@ -357,7 +361,8 @@ def message_body(message_id, model, text, finished):
         "id": message_id, "type": "message", "role": "assistant", "model": model,
         "content": [{"type": "text", "text": text}],
         "stop_reason": finished.stop_reason, "stop_sequence": finished.stop_sequence,
-        "usage": usage(finished.input_tokens, finished.output_tokens),
+        "usage": usage(finished.input_tokens, finished.output_tokens,
+                       finished.cached_tokens),
     }
 
 
@@ -397,7 +402,10 @@ def stream_end_events(finished):
             "type": "message_delta",
             "delta": {"stop_reason": finished.stop_reason,
                       "stop_sequence": finished.stop_sequence},
-            "usage": {"output_tokens": finished.output_tokens}}),
+            # The final counts: the cache hit is known only once generation
+            # starts, after message_start went out with the whole prompt.
+            "usage": usage(finished.input_tokens, finished.output_tokens,
+                           finished.cached_tokens)}),
         sse_event("message_stop", {"type": "message_stop"}),
     ]
 
@@ -692,7 +700,8 @@ class Server:
         if self.engine is None:
             from engine import Engine
 
-            self.engine = Engine(self.config.model, cpu_weights=self.config.cpu_weights)
+            self.engine = Engine(self.config.model, cpu_weights=self.config.cpu_weights,
+                                 cache_bytes=self.config.prompt_cache_bytes)
         # Bind before loading, so a port in use is reported at once; accept
         # only once the model is ready (early clients wait in the backlog).
         listener = await asyncio.start_server(self._accept, self.config.host,
@@ -1145,6 +1154,12 @@ def parse_args(argv=None):
                         help="temperature for requests that name none (Claude Code "
                              "sends none; 0 is greedy) [PENSIEVE_DEFAULT_TEMPERATURE] "
                              "(default %(default)s, the API's)")
+    parser.add_argument("--prompt-cache-mb", type=_non_negative,
+                        default=_env("PROMPT_CACHE_MB"),
+                        help="memory for KV caches kept so a request that starts like "
+                             "an earlier one (the next turn of a chat) skips that "
+                             "part of its prompt; 0 turns reuse off "
+                             "[PENSIEVE_PROMPT_CACHE_MB] (default: 1/8 of RAM)")
     parser.add_argument("--alias", action="append", type=_alias, metavar="NAME=MODEL",
                         help="serve requests for model NAME with MODEL (the loaded "
                              "model's name or --model value); repeatable; NAME is "
@@ -1170,7 +1185,9 @@ def parse_args(argv=None):
     config = Config(host=args.host, port=args.port, model=args.model,
                     api_key=args.api_key, max_waiting=args.max_waiting,
                     cpu_weights=args.cpu_weights, aliases=tuple(args.alias),
-                    default_temperature=args.default_temperature)
+                    default_temperature=args.default_temperature,
+                    prompt_cache_bytes=None if args.prompt_cache_mb is None
+                    else args.prompt_cache_mb * 1024 * 1024)
     return config, args.log_level
 
 

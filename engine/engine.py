@@ -18,7 +18,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from .models import ModelError, load
+from .models import ModelError, load, physical_memory
 from .text import RenderError, StopMatcher, render_prompt
 
 log = logging.getLogger("pensieve.engine")
@@ -28,6 +28,12 @@ log = logging.getLogger("pensieve.engine")
 # a disconnect or an incoming request waits behind a long prompt.
 PREFILL_CHUNK_CPU = 256
 PREFILL_CHUNK_GPU = 2048
+# Prompt cache: KV caches of finished requests, looked up by longest common
+# prefix (mlx-lm's LRUPromptCache). Bounded by entries and by bytes; the byte
+# default is a share of physical memory.
+PROMPT_CACHE_ENTRIES = 16
+PROMPT_CACHE_MEMORY_SHARE = 0.125
+PROMPT_CACHE_KEY = "model"  # one model per engine
 # How often an idle engine thread wakes to check that it should keep running.
 IDLE_POLL_S = 0.5
 
@@ -82,6 +88,7 @@ class Finished:
     output_tokens: int
     time_to_first_token: float
     decode_tps: float
+    cached_tokens: int = 0  # of input_tokens, taken from the prompt cache
 
 
 @dataclass(frozen=True)
@@ -117,9 +124,10 @@ class Engine:
     a request and returns its Job; ``stop()`` ends the thread.
     """
 
-    def __init__(self, model_spec=None, cpu_weights="float32"):
+    def __init__(self, model_spec=None, cpu_weights="float32", cache_bytes=None):
         self._spec = model_spec
         self._cpu_weights = cpu_weights
+        self._cache_bytes = cache_bytes
         self._inbox = thread_queue.SimpleQueue()
         self._waiting = deque()
         self._thread = None
@@ -157,8 +165,11 @@ class Engine:
             self._thread.join(timeout)
 
     def stats(self):
+        cache = getattr(self, "_prompt_cache", None)
         return {"running": self.running,
-                "waiting": len(self._waiting) + self._inbox.qsize()}
+                "waiting": len(self._waiting) + self._inbox.qsize(),
+                "prompt_cache_entries": len(cache) if cache is not None else 0,
+                "prompt_cache_bytes": cache.nbytes if cache is not None else 0}
 
     # The thread.
 
@@ -177,6 +188,12 @@ class Engine:
                                else PREFILL_CHUNK_GPU)
         self._vocab_size = len(self.model.tokenizer.vocab)  # ~20 ms: once
         import mlx.core as mx
+        from mlx_lm.models.cache import LRUPromptCache
+
+        self._prompt_cache = LRUPromptCache(
+            max_size=PROMPT_CACHE_ENTRIES,
+            max_bytes=self._cache_bytes if self._cache_bytes is not None
+            else int(min(PROMPT_CACHE_MEMORY_SHARE * physical_memory(), 1 << 62)))
 
         # This thread's default stream, as mlx-lm's own server uses: mlx-lm's
         # module-level thread-local stream, used from a non-main thread,
@@ -242,14 +259,22 @@ class Engine:
 
     def _generate(self, job, prompt, max_tokens):
         import mlx.core as mx
-        from mlx_lm.models.cache import make_prompt_cache
 
         started = time.perf_counter()
-        cache = make_prompt_cache(self.model.model)
-        tokens = mx.array(prompt)
-        if not self._prefill(job, tokens, cache):
-            return
-        outcome = self._decode(job, tokens[-1:], cache, max_tokens)
+        cache, rest = self._cached_prefix(prompt)
+        reused = len(prompt) - len(rest)
+        answer = []  # the tokens generated, for the prompt cache
+        tokens = mx.array(rest)
+        outcome = None
+        if self._prefill(job, tokens, cache):
+            outcome = self._decode(job, tokens[-1:], cache, max_tokens, answer)
+        # Whatever the cache holds, a prefix of prompt + answer, serves the next
+        # request that starts the same way (the next turn of a chat), also
+        # after a cancellation. Not after an exception: its state is unknown.
+        held = cache[0].offset if cache else 0
+        if held:
+            self._prompt_cache.insert_cache(PROMPT_CACHE_KEY, (prompt + answer)[:held],
+                                            cache)
         if outcome is None:
             return
         stop_reason, stop_sequence, output_tokens, first_token_at = outcome
@@ -257,7 +282,21 @@ class Engine:
         job.deliver(Finished(
             stop_reason, stop_sequence, len(prompt), output_tokens,
             time_to_first_token=first_token_at - started,
-            decode_tps=(output_tokens - 1) / decode_s if decode_s > 0 else 0.0))
+            decode_tps=(output_tokens - 1) / decode_s if decode_s > 0 else 0.0,
+            cached_tokens=reused))
+
+    def _cached_prefix(self, prompt):
+        """A KV cache holding the longest stored prefix of ``prompt``, and the
+        prompt tokens still to process (at least one: its logits are needed)."""
+        from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+
+        cache, rest = self._prompt_cache.fetch_nearest_cache(PROMPT_CACHE_KEY, prompt)
+        if cache is None:
+            return make_prompt_cache(self.model.model), prompt
+        if not rest:  # the whole prompt was stored: recompute its last token
+            trim_prompt_cache(cache, 1)
+            rest = prompt[-1:]
+        return cache, rest
 
     def _prefill(self, job, tokens, cache):
         """Run all but the last prompt token through the model, in chunks.
@@ -306,10 +345,11 @@ class Engine:
             finally:
                 steps.close()
 
-    def _decode(self, job, last_token, cache, max_tokens):
+    def _decode(self, job, last_token, cache, max_tokens, answer):
         """Feed the last prompt token and stream the answer through mlx-lm's
-        pipelined decode loop. Returns (stop_reason, stop_sequence, output
-        tokens, first token time), or None if the job was cancelled."""
+        pipelined decode loop, appending each token to ``answer``. Returns
+        (stop_reason, stop_sequence, output tokens, first token time), or None
+        if the job was cancelled."""
         from mlx_lm.sample_utils import make_sampler
 
         req, tokenizer = job.request, self.model.tokenizer
@@ -332,6 +372,7 @@ class Engine:
                     log.info("job %d cancelled after %d output tokens", job.id,
                              output_tokens)
                     return None
+                answer.append(token)
                 output_tokens += 1
                 first_token_at = first_token_at or time.perf_counter()
                 if token in tokenizer.eos_token_ids:

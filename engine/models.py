@@ -201,7 +201,7 @@ def load(spec, cpu_weights="float32"):
     device = _device_name(mx)
     weights = "as stored"
     if device == "cpu" and cpu_weights == "float32":
-        if _float32_bytes(model) <= FLOAT32_MEMORY_SHARE * _physical_memory():
+        if _float32_bytes(model) <= FLOAT32_MEMORY_SHARE * physical_memory():
             dequantize_model(model)
             weights = f"float32 ({openblas or 'bundled reference BLAS'})"
         else:
@@ -228,7 +228,7 @@ def _float32_bytes(model):
     return 4 * total
 
 
-def _physical_memory():
+def physical_memory():
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):

@@ -52,7 +52,9 @@ def test_captured_request_streams_and_counts_agree(client, name):
     started = client.messages.create(**_sdk_args({**short, "stream": False}),
                                      timeout=120)
     assert started.model == body["model"]
-    assert count(client, body) == started.usage.input_tokens
+    # input_tokens are the tokens processed; with the cache's share, the prompt.
+    assert count(client, body) == (started.usage.input_tokens
+                                   + started.usage.cache_read_input_tokens)
 
 
 def _sdk_args(body):
@@ -135,7 +137,11 @@ def run_claude(server, tmp_path, *args):
            "CLAUDE_CONFIG_DIR": str(tmp_path / "claude-config"),
            # A 135M model can ramble; the CLI then stops with its own error.
            "CLAUDE_CODE_MAX_OUTPUT_TOKENS": "256"}
-    return subprocess.run([CLAUDE, *args], env=env, cwd=tmp_path, capture_output=True,
+    # A fixed working directory: the CLI puts it in its prompt, and the greedy
+    # answer should not depend on pytest's numbered temporary folders.
+    cwd = Path("/tmp/pensieve-claude-e2e")
+    cwd.mkdir(exist_ok=True)
+    return subprocess.run([CLAUDE, *args], env=env, cwd=cwd, capture_output=True,
                           text=True, stdin=subprocess.DEVNULL, timeout=600)
 
 

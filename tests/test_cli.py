@@ -18,7 +18,8 @@ OPTIONS = {"--host": "PENSIEVE_HOST", "--port": "PENSIEVE_PORT",
            "--max-waiting": "PENSIEVE_MAX_WAITING", "--cpu-weights": "PENSIEVE_CPU_WEIGHTS",
            "--log-level": "PENSIEVE_LOG_LEVEL",
            "--default-temperature": "PENSIEVE_DEFAULT_TEMPERATURE",
-           "--alias": "PENSIEVE_ALIASES"}
+           "--alias": "PENSIEVE_ALIASES",
+           "--prompt-cache-mb": "PENSIEVE_PROMPT_CACHE_MB"}
 
 
 def pensieve(*args, env=None, code=None, timeout=120):
@@ -175,15 +176,23 @@ def test_launcher_starts_a_server_and_runs_claude(tmp_path, cache_dir, smollm_di
     port = free_port()
     env = {"CLAUDE_CONFIG_DIR": str(tmp_path), "PENSIEVE_CACHE_DIR": str(cache_dir),
            "PATH": f"{os.path.dirname(CLAUDE)}:{os.environ['PATH']}",
-           "CLAUDE_CODE_MAX_OUTPUT_TOKENS": "256"}
-    out = pensieve("--port", str(port), "--default-temperature", "0", "claude",
-                   "-p", "What is the capital of France?", "--bare", "--tools", "",
+           "CLAUDE_CODE_MAX_OUTPUT_TOKENS": "32"}
+    out = pensieve("--port", str(port), "--log-level", "debug", "claude", "-p",
+                   "What is the capital of France?", "--bare", "--tools", "",
                    env=env, timeout=600)
     pid = re.search(r"pid (\d+)", out.stderr)
     try:
-        assert out.returncode == 0, out.stdout + out.stderr
         assert pid, out.stderr  # no server was listening: it started one
-        assert "Paris" in out.stdout
+        log = (tmp_path / "pensieve-server.log").read_text()
+        # The CLI's request reached that server and was answered; the CLI
+        # prints the answer, or, when the model ran past the 32-token cap
+        # set here, says so (the CLI's own rule).
+        answered = re.findall(r"req_\w+ text: (.*)", log)
+        assert answered, log
+        if out.returncode == 0:
+            assert out.stdout.strip() == json.loads(answered[-1]).strip()
+        else:
+            assert "exceeded the 32 output token maximum" in out.stdout + out.stderr
         again = pensieve("--port", str(port), "claude", "--version", env=env)
         assert again.returncode == 0 and "Claude Code" in again.stdout
         assert "started the server" not in again.stderr  # reused the running one

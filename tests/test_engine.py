@@ -97,7 +97,8 @@ def test_cancel_mid_decode_then_next_request_runs(engine):
     while not out.empty():
         seen.append(out.get())
     assert not any(isinstance(m, Finished) for m in seen)  # never ran to the end
-    assert engine.stats() == {"running": 0, "waiting": 0}
+    stats = engine.stats()
+    assert (stats["running"], stats["waiting"]) == (0, 0)
 
 
 def test_cancelled_while_waiting_never_runs(engine):
@@ -274,3 +275,52 @@ def test_float32_size_of_a_quantized_model(smollm_dir):
     model, _ = mlx_load(str(smollm_dir))
     # SmolLM2-135M: 134.5M parameters once unpacked, 4 bytes each.
     assert _float32_bytes(model) == 4 * 134_515_008
+
+
+# --- Prefix reuse across requests -----------------------------------------------------
+
+
+def turn(engine, messages, max_tokens=8):
+    _, msgs = run(engine, GenerationRequest(messages=tuple(messages), temperature=0.0,
+                                            max_tokens=max_tokens))
+    return text_of(msgs), msgs[0], msgs[-1]
+
+
+def test_next_turn_reuses_the_previous_prompt_and_answer(engine, tiny_model_dir):
+    first = [("system", "You are terse."), ("user", "Name a colour, then a fruit.")]
+    answer, accepted1, done1 = turn(engine, first)
+    second = first + [("assistant", answer), ("user", "And a vegetable?")]
+    text, accepted2, done2 = turn(engine, second)
+    # Everything up to the end of turn 1's prompt came from the cache (its
+    # answer too where the template renders it as generated).
+    assert accepted1.input_tokens <= done2.cached_tokens < accepted2.input_tokens
+    # Same answer as an engine that caches nothing: reuse changes speed only.
+    cold = Engine(str(tiny_model_dir), cpu_weights="stored", cache_bytes=0)
+    cold.start()
+    cold.wait_loaded(120)
+    try:
+        cold_text, _, cold_done = turn(cold, second)
+        assert cold_done.cached_tokens == 0
+        assert cold.stats()["prompt_cache_bytes"] == 0
+    finally:
+        cold.stop(10)
+    assert text == cold_text
+
+
+def test_identical_prompt_recomputes_only_its_last_token(engine):
+    messages = [("user", "Repeat after me: the same prompt twice.")]
+    _, accepted, _ = turn(engine, messages, max_tokens=2)
+    _, _, again = turn(engine, messages, max_tokens=2)
+    assert again.cached_tokens == accepted.input_tokens - 1
+
+
+def test_prompt_cache_is_bounded_in_bytes(tiny_model_dir):
+    small = Engine(str(tiny_model_dir), cpu_weights="stored", cache_bytes=200_000)
+    small.start()
+    small.wait_loaded(120)
+    try:
+        for i in range(4):
+            turn(small, [("user", f"Distinct prompt number {i} " * 5)])
+            assert 0 < small.stats()["prompt_cache_bytes"] <= 200_000
+    finally:
+        small.stop(10)

@@ -93,7 +93,7 @@ def test_create(client):
     assert msg.stop_reason == "end_turn"
     assert msg.model == "claude-pensieve-test"
     assert msg.id.startswith("msg_")
-    assert msg.usage.input_tokens > 10
+    assert msg.usage.input_tokens + msg.usage.cache_read_input_tokens > 10
     assert 0 < msg.usage.output_tokens <= 50
 
 
@@ -134,7 +134,10 @@ def test_multi_turn_and_system(client):
         messages=[{"role": "user", "content": "Hi"},
                   {"role": "assistant", "content": "Hello! How can I help?"},
                   {"role": "user", "content": QUESTION}])
-    assert longer.usage.input_tokens > base.usage.input_tokens + 10
+    def prompt(msg):
+        return msg.usage.input_tokens + msg.usage.cache_read_input_tokens
+
+    assert prompt(longer) > prompt(base) + 10
     assert "Paris" in longer.content[0].text
 
 
@@ -230,3 +233,18 @@ def test_disconnect_mid_stream_then_success(real_server, client, cache_dir):
     assert health["running"] == 0 and health["waiting"] == 0
     log = (cache_dir / "server.log").read_text()
     assert re.search(r"job \d+ cancelled after \d+ output tokens", log)
+
+
+def test_second_turn_reads_the_prompt_cache(client):
+    first = [{"role": "user", "content": "Name one planet of the solar system."}]
+    one = client.messages.create(model="m", max_tokens=12, extra_body=GREEDY,
+                                 messages=first)
+    one_prompt = one.usage.input_tokens + one.usage.cache_read_input_tokens
+    second = first + [{"role": "assistant", "content": one.content[0].text},
+                      {"role": "user", "content": "And another one?"}]
+    with client.messages.stream(model="m", max_tokens=12, extra_body=GREEDY,
+                                messages=second) as s:
+        two = s.get_final_message()
+    total = two.usage.input_tokens + two.usage.cache_read_input_tokens
+    assert two.usage.cache_read_input_tokens >= one_prompt  # turn 1 came from the cache
+    assert total > one_prompt + one.usage.output_tokens

@@ -141,7 +141,9 @@ def test_stream_sequence():
     assert start["usage"]["input_tokens"] == 7 and start["content"] == []
     assert events[3][1]["delta"] == {"type": "text_delta", "text": "Hi"}
     assert events[5][1]["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "END"}
-    assert events[5][1]["usage"] == {"output_tokens": 5}
+    assert events[5][1]["usage"] == {"input_tokens": 12, "output_tokens": 5,
+                                     "cache_creation_input_tokens": 0,
+                                     "cache_read_input_tokens": 0}
 
 
 def test_stream_error_event():
