@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_decode import KEY, start_server, stop_server  # noqa: E402
+from bench_decode import KEY, publish, start_server, stop_server  # noqa: E402
 
 CAPTURE = ROOT / "tests" / "captures" / "claude-2.1.197" / "full-main.json"
 TOOL_RESULT = ("total 48\n-rw-r--r-- 1 dev dev  1203 README.md\n-rw-r--r-- 1 dev dev "
@@ -90,10 +90,7 @@ def main():
     lines += ["", f"- TTFT turn 1 / median of later turns: "
               f"**{rows[0][4] / sorted(r[4] for r in rows[1:])[len(rows[1:]) // 2]:.1f}x**",
               ""]
-    print("\n".join(lines))
-    if args.record:
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write("\n".join(lines) + "\n")
+    publish("\n".join(lines), args.record)
 
 
 if __name__ == "__main__":

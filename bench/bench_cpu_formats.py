@@ -111,10 +111,9 @@ def main():
     lines += [f"| {name} | {r['prefill']:.1f} | {r['decode']:.1f} | {r['answer']!r} |"
               for name, r in rows]
     lines.append("")
-    print("\n".join(lines))
-    if args.record:
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write("\n".join(lines) + "\n")
+    from bench_decode import publish  # a sibling script
+
+    publish("\n".join(lines), args.record)
 
 
 if __name__ == "__main__":

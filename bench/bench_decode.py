@@ -140,6 +140,14 @@ def measure(spec, tokens, runs):
     return loaded, local, served, short
 
 
+def publish(table, record):
+    """Print a result table; with ``record``, append it to bench/RESULTS.md."""
+    print(table)
+    if record:
+        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
+            f.write(table + "\n")
+
+
 def median(rows, key):
     return statistics.median(r[key] for r in rows)
 
@@ -180,15 +188,7 @@ def main():
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
-    table = report(args, *measure(args.model, args.tokens, args.runs))
-    print(table)
-    if args.record:
-        results = ROOT / "bench" / "RESULTS.md"
-        if not results.exists():
-            results.write_text("# Benchmark results\n\nNewest last. Each entry: date, "
-                               "model, machine, command.\n\n")
-        with open(results, "a") as f:
-            f.write(table + "\n")
+    publish(report(args, *measure(args.model, args.tokens, args.runs)), args.record)
 
 
 if __name__ == "__main__":
