@@ -135,8 +135,10 @@ def greedy_server(cache_dir, smollm_dir):
 def run_claude(server, tmp_path, *args):
     env = {**os.environ, **pensieve.claude_env(pensieve.Config(port=server.port)),
            "CLAUDE_CONFIG_DIR": str(tmp_path / "claude-config"),
-           # A 135M model can ramble; the CLI then stops with its own error.
-           "CLAUDE_CODE_MAX_OUTPUT_TOKENS": "256"}
+           # The CLI gives up (exit 1) on answers past this cap; the prompts
+           # here get short greedy answers, and the cap leaves room should the
+           # date or folder in the CLI's prompt lengthen them.
+           "CLAUDE_CODE_MAX_OUTPUT_TOKENS": "1024"}
     # A fixed working directory: the CLI puts it in its prompt, and the greedy
     # answer should not depend on pytest's numbered temporary folders.
     cwd = Path("/tmp/pensieve-claude-e2e")
