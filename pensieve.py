@@ -33,8 +33,7 @@ from urllib.parse import unquote
 
 import h11
 
-from engine import (CountRequest, Counted, Failed, Finished, GenerationRequest,
-                    TextDelta)
+from engine import CountRequest, Failed, Finished, GenerationRequest, TextDelta
 
 log = logging.getLogger("pensieve.http")
 
@@ -1082,25 +1081,21 @@ def _env(name, default=None):
     return default if value in (None, "") else value
 
 
-def _port(text):
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise ValueError(text)
-    return value
+def _in_range(convert, low, high, name):
+    """An argparse type: ``convert`` the text and require low <= value <= high."""
+    def check(text):
+        value = convert(text)
+        if not low <= value <= high:
+            raise ValueError(text)
+        return value
+
+    check.__name__ = name  # argparse names the type in its error message
+    return check
 
 
-def _non_negative(text):
-    value = int(text)
-    if value < 0:
-        raise ValueError(text)
-    return value
-
-
-def _temperature(text):
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(text)
-    return value
+_port = _in_range(int, 0, 65535, "port")
+_non_negative = _in_range(int, 0, float("inf"), "non-negative integer")
+_temperature = _in_range(float, 0.0, 1.0, "temperature (0 to 1)")
 
 
 def _alias(text):
@@ -1110,10 +1105,7 @@ def _alias(text):
     return name.strip(), target.strip()
 
 
-_port.__name__ = "port"  # argparse names the type in its error message
 _alias.__name__ = "alias (NAME=MODEL)"
-_temperature.__name__ = "temperature (0 to 1)"
-_non_negative.__name__ = "non-negative integer"
 
 
 def parse_args(argv=None):

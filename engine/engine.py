@@ -133,6 +133,7 @@ class Engine:
         self._thread = None
         self._stopping = False
         self._loaded = threading.Event()
+        self._prompt_cache = None  # made on the engine thread once loaded
         self.model = None
         self.load_error = None
         self.running = 0
@@ -165,7 +166,7 @@ class Engine:
             self._thread.join(timeout)
 
     def stats(self):
-        cache = getattr(self, "_prompt_cache", None)
+        cache = self._prompt_cache
         return {"running": self.running,
                 "waiting": len(self._waiting) + self._inbox.qsize(),
                 "prompt_cache_entries": len(cache) if cache is not None else 0,

@@ -103,7 +103,7 @@ def test_cancel_mid_decode_then_next_request_runs(engine):
 
 def test_cancelled_while_waiting_never_runs(engine):
     out, waiting_out = queue.Queue(), queue.Queue()
-    first = engine.submit(greedy(max_tokens=60), out.put)
+    engine.submit(greedy(max_tokens=60), out.put)
     waiting = engine.submit(greedy(max_tokens=5), waiting_out.put)
     waiting.cancel()
     first_msgs = []
