@@ -48,7 +48,9 @@ MAX_BODY_BYTES = 32 * 1024 * 1024
 # well under 1 KiB, so 64 KiB only stops abuse.
 MAX_HEAD_BYTES = 64 * 1024
 READ_CHUNK_BYTES = 64 * 1024
-# Requests allowed to wait behind the one generating; more get a 529 at once.
+# Requests decoding together in one batch, and requests allowed to wait for a
+# place in it; more get a 529 at once.
+DEFAULT_MAX_RUNNING = 32
 DEFAULT_MAX_WAITING = 16
 # Seconds a client should wait before retrying a 529.
 RETRY_AFTER_S = 2
@@ -86,6 +88,7 @@ class Config:
     port: int = DEFAULT_PORT
     model: str | None = None  # MLX directory, HF repo id, .gguf; None: embedded
     api_key: str = DEFAULT_API_KEY
+    max_running: int = DEFAULT_MAX_RUNNING
     max_waiting: int = DEFAULT_MAX_WAITING
     cpu_weights: str = "float32"  # "float32" or "stored" (keep quantized)
     aliases: tuple = ()  # ((name, target), ...): requests for name go to target
@@ -307,6 +310,17 @@ def _conversation(body):
     return tuple(messages)
 
 
+def _asks_for_caching(body):
+    """Whether the client marked anything with ``cache_control`` (the request
+    itself, a system or content block, or a tool)."""
+    if body.get("cache_control"):
+        return True
+    blocks = [body.get("system"), body.get("tools")]
+    blocks += [m.get("content") for m in body.get("messages", ()) if isinstance(m, dict)]
+    return any(isinstance(block, dict) and block.get("cache_control")
+               for group in blocks if isinstance(group, list) for block in group)
+
+
 def parse_count_request(raw):
     """Validate a ``/v1/messages/count_tokens`` body into (model, CountRequest)."""
     body = _json_object(raw)
@@ -333,7 +347,8 @@ def parse_messages_request(raw, default_temperature=1.0):
         temperature=default_temperature if temperature is None else temperature,
         top_p=_number(body, "top_p", 0.0, 1.0),
         top_k=_integer(body, "top_k", 0),
-        stop_sequences=tuple(dict.fromkeys(stops))))
+        stop_sequences=tuple(dict.fromkeys(stops)),
+        cache_hint=_asks_for_caching(body)))
 
 
 # === Responses and SSE: pure functions of dicts and bytes ======================
@@ -347,11 +362,21 @@ def new_request_id():
     return "req_" + secrets.token_hex(12)
 
 
-def usage(input_tokens, output_tokens, cached=0):
-    """Anthropic's usage: ``input_tokens`` are the prompt tokens processed,
-    ``cache_read_input_tokens`` those taken from the prompt cache instead."""
-    return {"input_tokens": input_tokens - cached, "output_tokens": output_tokens,
-            "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
+def usage(prompt_tokens, output_tokens, cached=0, created=0):
+    """Anthropic's usage, whose three input counts add up to the prompt:
+    ``cache_read_input_tokens`` were taken from the prompt cache,
+    ``cache_creation_input_tokens`` were read and stored because the client
+    asked (cache_control), ``input_tokens`` were read otherwise. Every prompt
+    is kept for reuse whether asked or not; only the reporting follows the
+    client's marks, as Anthropic's does."""
+    return {"input_tokens": prompt_tokens - cached - created,
+            "output_tokens": output_tokens,
+            "cache_creation_input_tokens": created, "cache_read_input_tokens": cached}
+
+
+def final_usage(finished):
+    return usage(finished.input_tokens, finished.output_tokens,
+                 finished.cached_tokens, finished.cache_created_tokens)
 
 
 def message_body(message_id, model, text, finished):
@@ -360,8 +385,7 @@ def message_body(message_id, model, text, finished):
         "id": message_id, "type": "message", "role": "assistant", "model": model,
         "content": [{"type": "text", "text": text}],
         "stop_reason": finished.stop_reason, "stop_sequence": finished.stop_sequence,
-        "usage": usage(finished.input_tokens, finished.output_tokens,
-                       finished.cached_tokens),
+        "usage": final_usage(finished),
     }
 
 
@@ -403,8 +427,7 @@ def stream_end_events(finished):
                       "stop_sequence": finished.stop_sequence},
             # The final counts: the cache hit is known only once generation
             # starts, after message_start went out with the whole prompt.
-            "usage": usage(finished.input_tokens, finished.output_tokens,
-                           finished.cached_tokens)}),
+            "usage": final_usage(finished)}),
         sse_event("message_stop", {"type": "message_stop"}),
     ]
 
@@ -700,7 +723,8 @@ class Server:
             from engine import Engine
 
             self.engine = Engine(self.config.model, cpu_weights=self.config.cpu_weights,
-                                 cache_bytes=self.config.prompt_cache_bytes)
+                                 cache_bytes=self.config.prompt_cache_bytes,
+                                 max_running=self.config.max_running)
         # Bind before loading, so a port in use is reported at once; accept
         # only once the model is ready (early clients wait in the backlog).
         listener = await asyncio.start_server(self._accept, self.config.host,
@@ -1095,6 +1119,7 @@ def _in_range(convert, low, high, name):
 
 _port = _in_range(int, 0, 65535, "port")
 _non_negative = _in_range(int, 0, float("inf"), "non-negative integer")
+_positive = _in_range(int, 1, float("inf"), "positive integer")
 _temperature = _in_range(float, 0.0, 1.0, "temperature (0 to 1)")
 
 
@@ -1132,10 +1157,15 @@ def parse_args(argv=None):
     parser.add_argument("--api-key", default=_env("API_KEY", DEFAULT_API_KEY),
                         help="key clients must send as x-api-key or Authorization: "
                              "Bearer [PENSIEVE_API_KEY] (default %(default)s)")
+    parser.add_argument("--max-running", type=_positive,
+                        default=_env("MAX_RUNNING", str(DEFAULT_MAX_RUNNING)),
+                        help="requests decoding together in one batch "
+                             "[PENSIEVE_MAX_RUNNING] (default %(default)s)")
     parser.add_argument("--max-waiting", type=_non_negative,
                         default=_env("MAX_WAITING", str(DEFAULT_MAX_WAITING)),
-                        help="requests that may wait for the engine before new ones "
-                             "get 529 [PENSIEVE_MAX_WAITING] (default %(default)s)")
+                        help="requests that may wait for a place in the batch before "
+                             "new ones get 529 [PENSIEVE_MAX_WAITING] "
+                             "(default %(default)s)")
     parser.add_argument("--cpu-weights", choices=("float32", "stored"),
                         default=_env("CPU_WEIGHTS", "float32"),
                         help="on the CPU backend, run quantized models as float32 "
@@ -1175,7 +1205,8 @@ def parse_args(argv=None):
             parser.error(f"argument {action.option_strings[0]}: invalid choice: "
                          f"{value!r} (choose from {', '.join(action.choices)})")
     config = Config(host=args.host, port=args.port, model=args.model,
-                    api_key=args.api_key, max_waiting=args.max_waiting,
+                    api_key=args.api_key, max_running=args.max_running,
+                    max_waiting=args.max_waiting,
                     cpu_weights=args.cpu_weights, aliases=tuple(args.alias),
                     default_temperature=args.default_temperature,
                     prompt_cache_bytes=None if args.prompt_cache_mb is None

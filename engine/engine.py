@@ -6,10 +6,19 @@ to the asyncio side through each request's ``asyncio.Queue``.
 
 Never: touches sockets or awaits anything. It crosses to the event loop only
 through ``loop.call_soon_threadsafe(queue.put_nowait, msg)`` with the frozen
-message types below. Requests run one after another (batching comes later);
-the waiting line is visible through ``Engine.stats``.
+message types below.
+
+Requests decode together in one batch (mlx-lm's ``BatchGenerator``): each
+joins between two decode steps once its prompt has been read, and leaves
+when it finishes, is cancelled or fails, with its own sampler, stop sequences
+and ``max_tokens``. Prompts are read a slice per step, so a long prompt
+slows the others' decoding but does not stop it. Finished requests leave
+their KV cache in an LRU store bounded in bytes; a new request starts from
+the longest stored prefix of its tokens. More requests than the batch holds
+wait in line, visible through ``Engine.stats``.
 """
 
+import functools
 import itertools
 import logging
 import queue as thread_queue
@@ -23,15 +32,20 @@ from .text import RenderError, StopMatcher, render_prompt
 
 log = logging.getLogger("pensieve.engine")
 
-# Prompt tokens processed per model call during prefill. Between chunks the
-# engine takes new requests and notices cancellations, so this bounds how long
-# a disconnect or an incoming request waits behind a long prompt.
+# Prompt tokens read per engine step, shared among the prompts being read.
+# Between steps the engine takes new requests and notices cancellations, and
+# the running requests decode one token, so this bounds how long any of them
+# waits behind a long prompt.
 PREFILL_CHUNK_CPU = 256
 PREFILL_CHUNK_GPU = 2048
+# The smallest slice of a prompt read in one step when many share the chunk.
+PREFILL_MIN_SLICE = 16
+# Requests decoding together; more wait in line (the server bounds the line).
+DEFAULT_MAX_RUNNING = 32
 # Prompt cache: KV caches of finished requests, looked up by longest common
 # prefix (mlx-lm's LRUPromptCache). Bounded by entries and by bytes; the byte
 # default is a share of physical memory.
-PROMPT_CACHE_ENTRIES = 16
+PROMPT_CACHE_ENTRIES = 64
 PROMPT_CACHE_MEMORY_SHARE = 0.125
 PROMPT_CACHE_KEY = "model"  # one model per engine
 # How often an idle engine thread wakes to check that it should keep running.
@@ -52,6 +66,9 @@ class GenerationRequest:
     top_p: float | None = None
     top_k: int | None = None
     stop_sequences: tuple = ()
+    # The client marked parts of the prompt with cache_control: the prompt
+    # tokens this request reads are reported as cache creation, not input.
+    cache_hint: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,6 +106,9 @@ class Finished:
     time_to_first_token: float
     decode_tps: float
     cached_tokens: int = 0  # of input_tokens, taken from the prompt cache
+    # Of input_tokens, read here and stored in the prompt cache as the client
+    # asked (cache_control); the rest of those read are plain input.
+    cache_created_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -110,11 +130,36 @@ class Job:
 
     def cancel(self):
         # A plain attribute write is atomic under the GIL; the engine reads it
-        # between decode steps and between prefill chunks.
+        # between steps (one decode step and at most one prefill chunk).
         self.cancelled = True
 
 
 # --- The engine ---------------------------------------------------------------
+
+
+class _Slot:
+    """A request the engine has accepted, from the line to the batch."""
+
+    def __init__(self, job, prompt, max_tokens, detokenizer):
+        self.job = job
+        self.prompt = prompt  # token ids
+        self.max_tokens = max_tokens
+        self.accepted_at = time.perf_counter()
+        self.cached = 0  # prompt tokens taken from the prompt cache
+        self.unread = 0  # prompt tokens still to read before decoding starts
+        self.detokenizer = detokenizer
+        self.stops = StopMatcher(job.request.stop_sequences)
+        self.output_tokens = 0
+        self.first_token_at = None
+
+
+@functools.lru_cache(maxsize=64)
+def _sampler(temperature, top_p, top_k):
+    """One sampler per setting, shared: a batch whose requests share a sampler
+    samples in one call instead of one per request."""
+    from mlx_lm.sample_utils import make_sampler
+
+    return make_sampler(temp=temperature, top_p=top_p, top_k=top_k)
 
 
 class Engine:
@@ -124,19 +169,22 @@ class Engine:
     a request and returns its Job; ``stop()`` ends the thread.
     """
 
-    def __init__(self, model_spec=None, cpu_weights="float32", cache_bytes=None):
+    def __init__(self, model_spec=None, cpu_weights="float32", cache_bytes=None,
+                 max_running=DEFAULT_MAX_RUNNING):
         self._spec = model_spec
         self._cpu_weights = cpu_weights
         self._cache_bytes = cache_bytes
+        self._max_running = max_running
         self._inbox = thread_queue.SimpleQueue()
-        self._waiting = deque()
+        self._waiting = deque()  # _Slots accepted, not yet in the batch
+        self._running = {}  # the batch: generator uid -> _Slot
+        self._generator = None
         self._thread = None
         self._stopping = False
         self._loaded = threading.Event()
         self._prompt_cache = None  # made on the engine thread once loaded
         self.model = None
         self.load_error = None
-        self.running = 0
 
     # Public API, callable from any thread.
 
@@ -167,10 +215,12 @@ class Engine:
 
     def stats(self):
         cache = self._prompt_cache
-        return {"running": self.running,
+        return {"running": len(self._running),
                 "waiting": len(self._waiting) + self._inbox.qsize(),
+                "max_running": self._max_running,
                 "prompt_cache_entries": len(cache) if cache is not None else 0,
-                "prompt_cache_bytes": cache.nbytes if cache is not None else 0}
+                "prompt_cache_bytes": cache.nbytes if cache is not None else 0,
+                "prompt_cache_max_bytes": cache.max_bytes if cache is not None else 0}
 
     # The thread.
 
@@ -201,22 +251,28 @@ class Engine:
         # aborts the process at interpreter exit ("terminate called without
         # an active exception"), and so does a stream from mx.new_stream.
         self._stream = mx.default_stream(mx.default_device())
-        while not self._stopping:
-            self._take_inbox(block=not self._waiting)
-            while self._waiting and not self._stopping:
-                job, prompt, max_tokens = self._waiting.popleft()
-                if job.cancelled:
-                    log.info("job %d cancelled while waiting", job.id)
-                    continue
-                self.running = 1
-                try:
-                    self._generate(job, prompt, max_tokens)
-                except Exception as e:
-                    log.exception("generation failed (job %d)", job.id)
-                    job.deliver(Failed("internal", f"generation failed: {e}"))
-                finally:
-                    self.running = 0
-                self._take_inbox(block=False)
+        self._generator = self._new_generator()
+        try:
+            while not self._stopping:
+                self._take_inbox(block=not (self._waiting or self._running))
+                self._drop_cancelled()
+                self._fill_batch()
+                if self._running and not self._stopping:
+                    self._step()
+        finally:
+            self._generator.close()
+
+    def _new_generator(self):
+        from mlx_lm.generate import BatchGenerator
+
+        eos = [[t] for t in sorted(self.model.tokenizer.eos_token_ids)]
+        # The batch is bounded here, by _fill_batch: the generator takes
+        # everything it is given at once.
+        return BatchGenerator(self.model.model, stop_tokens=eos,
+                              completion_batch_size=self._max_running,
+                              prefill_batch_size=self._max_running,
+                              prefill_step_size=self._prefill_chunk,
+                              stream=self._stream)
 
     def _take_inbox(self, block):
         """Tokenize newly submitted requests and queue those that fit."""
@@ -256,35 +312,47 @@ class Engine:
             return
         max_tokens = min(job.request.max_tokens, window - len(prompt))
         job.deliver(Accepted(len(prompt), max_tokens))
-        self._waiting.append((job, prompt, max_tokens))
+        self._waiting.append(_Slot(job, prompt, max_tokens,
+                                   self.model.tokenizer.detokenizer))
 
-    def _generate(self, job, prompt, max_tokens):
-        import mlx.core as mx
+    def _drop_cancelled(self):
+        """Forget cancelled requests: those waiting never reach the model;
+        those in the batch leave it, their KV cache kept for reuse."""
+        if any(slot.job.cancelled for slot in self._waiting):
+            for slot in self._waiting:
+                if slot.job.cancelled:
+                    log.info("job %d cancelled while waiting", slot.job.id)
+            self._waiting = deque(s for s in self._waiting if not s.job.cancelled)
+        gone = [uid for uid, slot in self._running.items()
+                if slot.job.cancelled or self._stopping]
+        for uid in gone:
+            slot = self._running[uid]
+            log.info("job %d cancelled after %d of %d prompt tokens, %d output tokens",
+                     slot.job.id, len(slot.prompt) - slot.unread, len(slot.prompt),
+                     slot.output_tokens)
+            self._leave(uid)
 
-        started = time.perf_counter()
-        cache, rest = self._cached_prefix(prompt)
-        reused = len(prompt) - len(rest)
-        answer = []  # the tokens generated, for the prompt cache
-        tokens = mx.array(rest)
-        outcome = None
-        if self._prefill(job, tokens, cache):
-            outcome = self._decode(job, tokens[-1:], cache, max_tokens, answer)
-        # Whatever the cache holds, a prefix of prompt + answer, serves the next
-        # request that starts the same way (the next turn of a chat), also
-        # after a cancellation. Not after an exception: its state is unknown.
-        held = cache[0].offset if cache else 0
-        if held:
-            self._prompt_cache.insert_cache(PROMPT_CACHE_KEY, (prompt + answer)[:held],
-                                            cache)
-        if outcome is None:
-            return
-        stop_reason, stop_sequence, output_tokens, first_token_at = outcome
-        decode_s = time.perf_counter() - first_token_at
-        job.deliver(Finished(
-            stop_reason, stop_sequence, len(prompt), output_tokens,
-            time_to_first_token=first_token_at - started,
-            decode_tps=(output_tokens - 1) / decode_s if decode_s > 0 else 0.0,
-            cached_tokens=reused))
+    def _fill_batch(self):
+        """Move waiting requests into the batch while it has room."""
+        while self._waiting and len(self._running) < self._max_running:
+            slot = self._waiting.popleft()
+            try:
+                cache, rest = self._cached_prefix(slot.prompt)
+                slot.cached = len(slot.prompt) - len(rest)
+                slot.unread = len(rest) - 1
+                req = slot.job.request
+                # top_k beyond the vocabulary means "no limit" (argpartition
+                # would fail).
+                top_k = req.top_k if req.top_k and req.top_k < self._vocab_size else 0
+                (uid,) = self._generator.insert(
+                    [rest], max_tokens=[slot.max_tokens], caches=[cache],
+                    all_tokens=[slot.prompt[:slot.cached]],
+                    samplers=[_sampler(req.temperature, req.top_p or 0.0, top_k)])
+            except Exception as e:
+                log.exception("could not start job %d", slot.job.id)
+                slot.job.deliver(Failed("internal", f"generation failed: {e}"))
+                continue
+            self._running[uid] = slot
 
     def _cached_prefix(self, prompt):
         """A KV cache holding the longest stored prefix of ``prompt``, and the
@@ -299,105 +367,106 @@ class Engine:
             rest = prompt[-1:]
         return cache, rest
 
-    def _prefill(self, job, tokens, cache):
-        """Run all but the last prompt token through the model, in chunks.
-
-        Between chunks the engine notices cancellation and answers new
-        arrivals. Returns False if the job was cancelled.
-        """
-        import mlx.core as mx
-
-        total = len(tokens)
-        for start in range(0, total - 1, self._prefill_chunk):
-            if job.cancelled or self._stopping:
-                log.info("job %d cancelled during prefill at token %d of %d",
-                         job.id, start, total)
-                return False
-            end = min(start + self._prefill_chunk, total - 1)
-            with mx.stream(self._stream):
-                self.model.model(tokens[None, start:end], cache=cache)
-                mx.eval([c.state for c in cache])
-            self._take_inbox(block=False)
-        return True
-
-    def _tokens(self, last_token, cache, sampler, max_tokens):
-        """The answer's token ids, lazily.
-
-        The first is computed on its own, so it reaches the client before the
-        second starts computing: on a CPU that work takes every core, and the
-        event loop would otherwise wait for one (measured: 7-20 ms added to
-        the first token on 2 cores). The rest come from mlx-lm's pipelined
-        generate_step, which overlaps each step with the next.
-        """
-        import mlx.core as mx
-        from mlx_lm.generate import generate_step
-
-        with mx.stream(self._stream):
-            logits = self.model.model(last_token[None], cache=cache)[:, -1, :]
-            first = sampler(logits - mx.logsumexp(logits, keepdims=True)).item()
-        yield first
-        if max_tokens > 1:
-            steps = generate_step(mx.array([first]), self.model.model,
-                                  stream=self._stream, prompt_cache=cache,
-                                  sampler=sampler, max_tokens=max_tokens - 1)
-            try:
-                for token, _ in steps:
-                    yield int(token)
-            finally:
-                steps.close()
-
-    def _decode(self, job, last_token, cache, max_tokens, answer):
-        """Feed the last prompt token and stream the answer through mlx-lm's
-        pipelined decode loop, appending each token to ``answer``. Returns
-        (stop_reason, stop_sequence, output tokens, first token time), or None
-        if the job was cancelled."""
-        from mlx_lm.sample_utils import make_sampler
-
-        req, tokenizer = job.request, self.model.tokenizer
-        # top_k beyond the vocabulary means "no limit" (argpartition would fail).
-        top_k = req.top_k if req.top_k and req.top_k < self._vocab_size else 0
-        sampler = make_sampler(temp=req.temperature, top_p=req.top_p or 0.0,
-                               top_k=top_k)
-        detokenizer = tokenizer.detokenizer
-        stops = StopMatcher(req.stop_sequences)
-        steps = self._tokens(last_token, cache, sampler, max_tokens)
-        first_token_at = None
-        output_tokens = 0
-        stop_reason = "max_tokens"
+    def _step(self):
+        """One decode step for the batch and one prefill chunk for the prompts
+        being read, then each request's new token to its owner."""
+        reading = sum(1 for slot in self._running.values() if slot.unread > 0)
+        # The chunk is shared: many prompts read at once each get a slice.
+        self._generator.prefill_step_size = max(
+            self._prefill_chunk // max(reading, 1), PREFILL_MIN_SLICE)
         try:
-            for token in steps:
-                if not self._inbox.empty():
-                    # Answer newcomers (Accepted, or a 400) while this one decodes.
-                    self._take_inbox(block=False)
-                if job.cancelled or self._stopping:
-                    log.info("job %d cancelled after %d output tokens", job.id,
-                             output_tokens)
-                    return None
-                answer.append(token)
-                output_tokens += 1
-                first_token_at = first_token_at or time.perf_counter()
-                if token in tokenizer.eos_token_ids:
-                    stop_reason = "end_turn"
-                    break
-                detokenizer.add_token(token)
-                if req.stop_sequences:
-                    text, matched = stops.feed(detokenizer.last_segment)
-                else:  # the common case: nothing to hold back
-                    text, matched = detokenizer.last_segment, None
-                if text:
-                    job.deliver(TextDelta(text))
-                if matched is not None:
-                    return "stop_sequence", matched, output_tokens, first_token_at
-        finally:
-            steps.close()
-        # The detokenizer's and the matcher's held-back text (a stop sequence
-        # may still complete in the detokenizer's last piece).
-        detokenizer.finalize()
-        text, matched = stops.feed(detokenizer.last_segment)
-        if matched is None:
-            text += stops.flush()
+            progress, generated = self._generator.next()
+        except Exception as e:
+            # The batch's state is unknown: fail the requests in it and start
+            # a new one. Those waiting, and later ones, are served as usual.
+            log.exception("batch step failed; failing its %d requests",
+                          len(self._running))
+            for slot in self._running.values():
+                slot.job.deliver(Failed("internal", f"generation failed: {e}"))
+            self._running.clear()
+            self._generator.close()
+            self._generator = self._new_generator()
+            return
+        for r in progress:
+            slot = self._running.get(r.uid)
+            if slot is not None:
+                done, total = r.progress
+                slot.unread = max(total - done - 1, 0)
+        for r in generated:
+            slot = self._running.get(r.uid)
+            if slot is None:
+                continue
+            try:
+                self._emit(r.uid, slot, r)
+            except Exception as e:
+                # Our own per-request work (detokenizing, stop sequences,
+                # delivery) failed: that request alone ends.
+                log.exception("job %d failed", slot.job.id)
+                slot.job.deliver(Failed("internal", f"generation failed: {e}"))
+                if r.uid in self._running:
+                    self._leave(r.uid, keep_cache=False)
+
+    def _emit(self, uid, slot, r):
+        """Handle one generated token of ``slot``."""
+        slot.output_tokens += 1
+        if slot.first_token_at is None:
+            slot.first_token_at = time.perf_counter()
+        if r.finish_reason == "stop":  # an end-of-sequence token: not text
+            return self._finish(uid, slot, "end_turn", r)
+        detokenizer = slot.detokenizer
+        detokenizer.add_token(r.token)
+        if slot.job.request.stop_sequences:
+            text, matched = slot.stops.feed(detokenizer.last_segment)
+        else:  # the common case: nothing to hold back
+            text, matched = detokenizer.last_segment, None
         if text:
-            job.deliver(TextDelta(text))
+            slot.job.deliver(TextDelta(text))
         if matched is not None:
-            return "stop_sequence", matched, output_tokens, first_token_at
-        return stop_reason, None, output_tokens, first_token_at
+            return self._finish(uid, slot, "stop_sequence", None, matched)
+        if r.finish_reason == "length":
+            return self._finish(uid, slot, "max_tokens", r)
+
+    def _finish(self, uid, slot, stop_reason, r, stop_sequence=None):
+        if stop_sequence is None:
+            # The detokenizer's and the matcher's held-back text (a stop
+            # sequence may still complete in the detokenizer's last piece).
+            slot.detokenizer.finalize()
+            text, stop_sequence = slot.stops.feed(slot.detokenizer.last_segment)
+            if stop_sequence is None:
+                text += slot.stops.flush()
+            else:
+                stop_reason = "stop_sequence"
+            if text:
+                slot.job.deliver(TextDelta(text))
+        stored = self._leave(uid, r)
+        now = time.perf_counter()
+        decode_s = now - slot.first_token_at
+        read = len(slot.prompt) - slot.cached
+        slot.job.deliver(Finished(
+            stop_reason, stop_sequence, len(slot.prompt), slot.output_tokens,
+            time_to_first_token=slot.first_token_at - slot.accepted_at,
+            decode_tps=(slot.output_tokens - 1) / decode_s if decode_s > 0 else 0.0,
+            cached_tokens=slot.cached,
+            cache_created_tokens=read if stored and slot.job.request.cache_hint else 0))
+
+    def _leave(self, uid, finished=None, keep_cache=True):
+        """Take ``uid`` out of the batch (the generator already has when it
+        ``finished`` it) and keep its KV cache: a prefix of its prompt and
+        answer serves the next request that starts the same way (the next turn
+        of a chat), also after a cancellation. Returns whether it was kept."""
+        slot = self._running.pop(uid)
+        if finished is not None:
+            cache, tokens = finished.prompt_cache, finished.all_tokens
+        else:
+            cache, tokens = self._generator.remove(
+                [uid], return_prompt_caches=keep_cache).get(uid, (None, None))
+        if not keep_cache or not cache:
+            return False
+        held = cache[0].offset
+        if not held or len(tokens) < held:
+            return False
+        # Prompts the client marked for caching are evicted last.
+        kind = "user" if slot.job.request.cache_hint else "assistant"
+        self._prompt_cache.insert_cache(PROMPT_CACHE_KEY, list(tokens[:held]), cache,
+                                        cache_type=kind)
+        return True

@@ -52,9 +52,18 @@ def test_captured_request_streams_and_counts_agree(client, name):
     started = client.messages.create(**_sdk_args({**short, "stream": False}),
                                      timeout=120)
     assert started.model == body["model"]
-    # input_tokens are the tokens processed; with the cache's share, the prompt.
-    assert count(client, body) == (started.usage.input_tokens
-                                   + started.usage.cache_read_input_tokens)
+    # The three input counts add up to the prompt, as Claude Code sums them to
+    # track its context window. Most came from the prompt cache (the stream
+    # above left them there); what was read is cache creation where the CLI
+    # marked cache_control (the main request), plain input where not (title).
+    used = started.usage
+    assert count(client, body) == (used.input_tokens + used.cache_read_input_tokens
+                                   + used.cache_creation_input_tokens)
+    read = used.input_tokens + used.cache_creation_input_tokens
+    assert used.cache_read_input_tokens > read > 0
+    marked = "cache_control" in json.dumps(body)
+    assert (used.cache_creation_input_tokens, used.input_tokens) == \
+        ((read, 0) if marked else (0, read))
 
 
 def _sdk_args(body):

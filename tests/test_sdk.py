@@ -232,7 +232,8 @@ def test_disconnect_mid_stream_then_success(real_server, client, cache_dir):
     health = json.loads(curl(f"{real_server}/health"))
     assert health["running"] == 0 and health["waiting"] == 0
     log = (cache_dir / "server.log").read_text()
-    assert re.search(r"job \d+ cancelled after \d+ output tokens", log)
+    assert re.search(r"job \d+ cancelled after \d+ of \d+ prompt tokens, \d+ output tokens",
+                     log)
 
 
 def test_second_turn_reads_the_prompt_cache(client):
