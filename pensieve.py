@@ -883,7 +883,11 @@ class Server:
         self._check_model(parsed.model)
         log.debug("%s tools: %s", http.request_id,
                   [t["name"] for t in parsed.generation.tools])
-        if self.engine.stats()["waiting"] >= self.config.max_waiting:
+        # Room is a place in the batch or in the line behind it; the engine is
+        # not asked, only its counters read.
+        stats = self.engine.stats()
+        if stats["running"] + stats["waiting"] >= (self.config.max_running
+                                                   + self.config.max_waiting):
             raise ApiError(529, "the server is busy; retry shortly",
                            [(b"retry-after", str(RETRY_AFTER_S).encode())])
         answer = self._stream if parsed.stream else self._complete

@@ -170,8 +170,9 @@ class Engine:
     """
 
     def __init__(self, model_spec=None, cpu_weights="float32", cache_bytes=None,
-                 max_running=DEFAULT_MAX_RUNNING):
+                 max_running=DEFAULT_MAX_RUNNING, prefill_chunk=None):
         self._spec = model_spec
+        self._prefill_chunk = prefill_chunk  # None: by device, once loaded
         self._cpu_weights = cpu_weights
         self._cache_bytes = cache_bytes
         self._max_running = max_running
@@ -235,8 +236,9 @@ class Engine:
         self._loaded.set()
         if self.load_error is not None:
             return
-        self._prefill_chunk = (PREFILL_CHUNK_CPU if self.model.device == "cpu"
-                               else PREFILL_CHUNK_GPU)
+        if self._prefill_chunk is None:
+            self._prefill_chunk = (PREFILL_CHUNK_CPU if self.model.device == "cpu"
+                                   else PREFILL_CHUNK_GPU)
         self._vocab_size = len(self.model.tokenizer.vocab)  # ~20 ms: once
         import mlx.core as mx
         from mlx_lm.models.cache import LRUPromptCache

@@ -220,7 +220,7 @@ class ScriptedEngine:
             Accepted(3, request.max_tokens), TextDelta("Hello"), TextDelta(" world"),
             Finished("end_turn", None, 3, 2, 0.0, 0.0)])
         self.jobs = []
-        self.waiting = 0
+        self.running = self.waiting = 0
 
     def start(self):
         pass
@@ -232,7 +232,7 @@ class ScriptedEngine:
         pass
 
     def stats(self):
-        return {"running": 0, "waiting": self.waiting}
+        return {"running": self.running, "waiting": self.waiting}
 
     def submit(self, request, deliver):
         job = FakeJob(request)

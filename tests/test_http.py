@@ -27,7 +27,8 @@ from conftest import (API_KEY, ROOT, Accepted, Failed, Finished, ScriptedEngine,
                       TextDelta)
 
 import pensieve
-from pensieve import DEFAULT_MAX_WAITING, MAX_BODY_BYTES, Config, Server
+from pensieve import (DEFAULT_MAX_RUNNING, DEFAULT_MAX_WAITING, MAX_BODY_BYTES,
+                      Config, Server)
 
 # A stuck server fails the test instead of hanging the suite.
 HANG_GUARD_S = 5
@@ -551,12 +552,13 @@ def test_disconnect_cancels_the_job(scripted, items, stream):
     assert call(srv, "POST", "/v1/messages", body()).status == 200
 
 
-@pytest.mark.parametrize("waiting, status", [
-    (DEFAULT_MAX_WAITING - 1, 200),
-    (DEFAULT_MAX_WAITING, 529),
+@pytest.mark.parametrize("running, waiting, status", [
+    (DEFAULT_MAX_RUNNING - 1, DEFAULT_MAX_WAITING, 200),
+    (DEFAULT_MAX_RUNNING, DEFAULT_MAX_WAITING - 1, 200),
+    (DEFAULT_MAX_RUNNING, DEFAULT_MAX_WAITING, 529),
 ])
-def test_overload_is_529(srv, waiting, status):
-    srv.engine.waiting = waiting
+def test_overload_is_529(srv, running, waiting, status):
+    srv.engine.running, srv.engine.waiting = running, waiting
     reply = call(srv, "POST", "/v1/messages", body())
     if status == 529:
         assert_error(reply, 529, "overloaded_error")

@@ -236,16 +236,28 @@ def test_disconnect_mid_stream_then_success(real_server, client, cache_dir):
                      log)
 
 
-def test_second_turn_reads_the_prompt_cache(client):
-    first = [{"role": "user", "content": "Name one planet of the solar system."}]
-    one = client.messages.create(model="m", max_tokens=12, extra_body=GREEDY,
-                                 messages=first)
-    one_prompt = one.usage.input_tokens + one.usage.cache_read_input_tokens
-    second = first + [{"role": "assistant", "content": one.content[0].text},
-                      {"role": "user", "content": "And another one?"}]
-    with client.messages.stream(model="m", max_tokens=12, extra_body=GREEDY,
-                                messages=second) as s:
-        two = s.get_final_message()
-    total = two.usage.input_tokens + two.usage.cache_read_input_tokens
-    assert two.usage.cache_read_input_tokens >= one_prompt  # turn 1 came from the cache
-    assert total > one_prompt + one.usage.output_tokens
+def test_cache_reads_grow_across_the_turns_of_a_session(client):
+    # Shaped like Claude Code's turns: the whole conversation each time, the
+    # last user message marked with cache_control, the answers streamed.
+    messages, reads, prompts = [], [], []
+    for question in ("Name one planet of the solar system.", "And another one?",
+                     "Which of the two is bigger?"):
+        messages.append({"role": "user", "content": [
+            {"type": "text", "text": question, "cache_control": {"type": "ephemeral"}}]})
+        with client.messages.stream(model="m", max_tokens=12, extra_body=GREEDY,
+                                    messages=messages) as s:
+            answer = s.get_final_message()
+        used = answer.usage
+        prompt = (used.input_tokens + used.cache_read_input_tokens
+                  + used.cache_creation_input_tokens)
+        assert prompt == client.messages.count_tokens(model="m",
+                                                      messages=messages).input_tokens
+        # Marked for caching: what was read is reported as stored, as Anthropic does.
+        assert used.input_tokens == 0
+        reads.append(used.cache_read_input_tokens)
+        prompts.append(prompt)
+        messages[-1]["content"][0].pop("cache_control")
+        messages.append({"role": "assistant", "content": answer.content[0].text})
+    # Each turn read the previous turn's prompt and answer from the cache.
+    assert reads[1] >= prompts[0] and reads[2] >= prompts[1]
+    assert reads[0] < reads[1] < reads[2]
