@@ -1,15 +1,18 @@
 """An agent session replayed through the HTTP API: how much each turn prefills.
 
-    .venv/bin/python bench/bench_agent_session.py [--model M] [--turns 5] [--record]
+    .venv/bin/python bench/bench_agent_session.py [--model M] [--turns 5]
+        [--prompt-tokens 6000] [--record] [-- PENSIEVE_OPTIONS...]
 
 Starts `python pensieve.py`, then plays a conversation shaped like Claude
-Code's: the system prompt and Bash/Read tool list it sent in
-tests/captures/claude-2.1.197/full-main.json (trimmed to the tools that fit an
-8k window), each turn appending the model's answer and a tool-result-sized
-user message. Per turn: prompt tokens, tokens prefilled (usage.input_tokens),
-tokens read from the prompt cache, and the client's time to first token.
-Goal (issue 4): from turn 2 on at most 5% of the prompt is prefilled and TTFT
-falls 10x against turn 1.
+Code's: the system prompt it sent in tests/captures/claude-2.1.197/full-main.json
+and as many of its tools, in its order, as fit --prompt-tokens (all of them
+with --prompt-tokens 0); each turn appends the model's answer and a
+tool-result-sized user message (~220 tokens), the last user message marked
+with cache_control as the CLI does. Per turn: prompt tokens, tokens prefilled
+(input + cache creation), tokens read from the prompt cache, and the client's
+time to first token. At the end: the prompt cache's bytes against its bound,
+MLX's peak memory and the server's peak RSS. Goal (issue 4): from turn 2 on
+at most 5% of the prompt is prefilled and TTFT falls 10x against turn 1.
 """
 
 import argparse
@@ -52,44 +55,97 @@ def stream(port, body):
     return (first or time.perf_counter()) - start, "".join(text), usage
 
 
+def count(port, body):
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    conn.request("POST", "/v1/messages/count_tokens", json.dumps(
+        {k: v for k, v in body.items() if k in ("model", "system", "tools", "messages")}),
+        {"x-api-key": KEY, "content-type": "application/json"})
+    n = json.loads(conn.getresponse().read())["input_tokens"]
+    conn.close()
+    return n
+
+
+def get_json(port, path):
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", path)
+    data = json.loads(conn.getresponse().read())
+    conn.close()
+    return data
+
+
+def peak_rss(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def user_turn(text):
+    return {"role": "user", "content": [
+        {"type": "text", "text": text, "cache_control": {"type": "ephemeral"}}]}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None)
     parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--prompt-tokens", type=int, default=6000,
+                        help="add the CLI's tools while the prompt stays under this; "
+                             "0: all of them")
     parser.add_argument("--record", action="store_true")
+    parser.add_argument("server_args", nargs="*", help="more pensieve.py options")
     args = parser.parse_args()
 
     captured = json.loads(CAPTURE.read_text())["body"]
     body = {"model": captured["model"], "max_tokens": 16, "stream": True,
-            "temperature": 0, "system": captured["system"],
-            "tools": [t for t in captured["tools"] if t["name"] in ("Bash", "Read")],
-            "messages": [{"role": "user", "content": "List the files and read the README."}]}
+            "temperature": 0, "system": captured["system"], "tools": [],
+            "messages": [user_turn("List the files and read the README.")]}
     log = open(os.devnull, "w")
-    proc, port = start_server(args.model, log)
+    proc, port = start_server(args.model, log, args.server_args)
     rows = []
     try:
+        for tool in captured["tools"]:
+            body["tools"].append(tool)
+            if args.prompt_tokens and count(port, body) > args.prompt_tokens:
+                body["tools"].pop()
         for n in range(1, args.turns + 1):
             ttft, text, usage = stream(port, body)
-            prompt = usage["input_tokens"] + usage["cache_read_input_tokens"]
-            rows.append((n, prompt, usage["input_tokens"], usage["cache_read_input_tokens"],
-                         ttft * 1000))
+            read = usage["input_tokens"] + usage["cache_creation_input_tokens"]
+            cached = usage["cache_read_input_tokens"]
+            rows.append((n, read + cached, read, cached, ttft * 1000))
             print(rows[-1], flush=True)
+            body["messages"][-1]["content"][0].pop("cache_control")
             body["messages"] += [{"role": "assistant", "content": text or "."},
-                                 {"role": "user", "content": TOOL_RESULT}]
+                                 user_turn(TOOL_RESULT)]
+        health = get_json(port, "/health")
+        rss = peak_rss(proc.pid)
     finally:
         stop_server(proc, log)
     lines = [f"### {date.today()} — agent session, {platform.machine()} {os.cpu_count()} "
              f"cores, {args.model or 'embedded SmolLM2-135M-Instruct'}", "",
              f"`{' '.join(['bench/bench_agent_session.py'] + sys.argv[1:])}` — Claude "
-             "Code's captured system prompt with its Bash and Read tools, 16 greedy "
-             "tokens a turn, a tool-result-sized user message appended each turn", "",
+             f"Code's captured system prompt with {len(body['tools'])} of its tools, 16 "
+             "greedy tokens a turn, a tool-result-sized user message appended each turn",
+             "",
              "| turn | prompt tokens | prefilled | from cache | prefilled % | TTFT ms |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {n} | {p} | {i} | {c} | {100 * i / p:.1f} | {t:.0f} |"
               for n, p, i, c, t in rows]
+    later = rows[1:]
+    mb = 1024 * 1024
     lines += ["", f"- TTFT turn 1 / median of later turns: "
-              f"**{rows[0][4] / sorted(r[4] for r in rows[1:])[len(rows[1:]) // 2]:.1f}x**",
-              ""]
+              f"**{rows[0][4] / sorted(r[4] for r in later)[len(later) // 2]:.1f}x**; "
+              f"most prefilled from turn 2 on: "
+              f"**{max(100 * r[2] / r[1] for r in later):.1f}%**",
+              f"- memory at the end: prompt cache {health['prompt_cache_bytes'] / mb:.0f} "
+              f"MiB in {health['prompt_cache_entries']} entries (bound "
+              f"{health['prompt_cache_max_bytes'] / mb:.0f} MiB), MLX peak "
+              f"{health.get('memory_peak_bytes', 0) / mb:.0f} MiB, server peak RSS "
+              f"{rss / mb:.0f} MiB", ""]
     publish("\n".join(lines), args.record)
 
 

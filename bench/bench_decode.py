@@ -84,12 +84,12 @@ def http_once(port, tokens):
             "tokens": output_tokens}
 
 
-def start_server(spec, log):
+def start_server(spec, log, extra=()):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = [sys.executable, str(ROOT / "pensieve.py"), "--port", str(port),
-            "--api-key", KEY] + (["--model", spec] if spec else [])
+            "--api-key", KEY, *(["--model", spec] if spec else []), *extra]
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     deadline = time.monotonic() + 300
     while True:

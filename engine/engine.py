@@ -216,12 +216,19 @@ class Engine:
 
     def stats(self):
         cache = self._prompt_cache
-        return {"running": len(self._running),
-                "waiting": len(self._waiting) + self._inbox.qsize(),
-                "max_running": self._max_running,
-                "prompt_cache_entries": len(cache) if cache is not None else 0,
-                "prompt_cache_bytes": cache.nbytes if cache is not None else 0,
-                "prompt_cache_max_bytes": cache.max_bytes if cache is not None else 0}
+        stats = {"running": len(self._running),
+                 "waiting": len(self._waiting) + self._inbox.qsize(),
+                 "max_running": self._max_running,
+                 "prompt_cache_entries": len(cache) if cache is not None else 0,
+                 "prompt_cache_bytes": cache.nbytes if cache is not None else 0,
+                 "prompt_cache_max_bytes": cache.max_bytes if cache is not None else 0}
+        if self.model is not None:  # MLX is imported once the model is loaded
+            import mlx.core as mx
+
+            # MLX's allocator: the model, the caches and work buffers.
+            stats["memory_active_bytes"] = mx.get_active_memory()
+            stats["memory_peak_bytes"] = mx.get_peak_memory()
+        return stats
 
     # The thread.
 
