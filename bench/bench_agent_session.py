@@ -1,7 +1,8 @@
 """An agent session replayed through the HTTP API: how much each turn prefills.
 
     .venv/bin/python bench/bench_agent_session.py [--model M] [--turns 5]
-        [--prompt-tokens 6000] [--record] [-- PENSIEVE_OPTIONS...]
+        [--prompt-tokens 6000] [--context-tokens 0] [--warm-up] [--record]
+        [-- PENSIEVE_OPTIONS...]
 
 Starts `python pensieve.py`, then plays a conversation shaped like Claude
 Code's: the system prompt it sent in tests/captures/claude-2.1.197/full-main.json
@@ -96,6 +97,12 @@ def main():
     parser.add_argument("--prompt-tokens", type=int, default=6000,
                         help="add the CLI's tools while the prompt stays under this; "
                              "0: all of them")
+    parser.add_argument("--context-tokens", type=int, default=0,
+                        help="also open the session with about this many tokens of "
+                             "file contents (pensieve.py's source), as the CLI "
+                             "attaches files")
+    parser.add_argument("--warm-up", action="store_true",
+                        help="send two unrelated requests first (GPU kernel compilation)")
     parser.add_argument("--record", action="store_true")
     parser.add_argument("server_args", nargs="*", help="more pensieve.py options")
     args = parser.parse_args()
@@ -104,10 +111,21 @@ def main():
     body = {"model": captured["model"], "max_tokens": 16, "stream": True,
             "temperature": 0, "system": captured["system"], "tools": [],
             "messages": [user_turn("List the files and read the README.")]}
+    if args.context_tokens:
+        source = (ROOT / "pensieve.py").read_text()
+        source = (source * (1 + 4 * args.context_tokens // len(source)))
+        body["messages"][0]["content"].insert(0, {
+            "type": "text", "text": "<system-reminder>Contents of pensieve.py:\n"
+            + source[:4 * args.context_tokens] + "</system-reminder>"})
     log = open(os.devnull, "w")
     proc, port = start_server(args.model, log, args.server_args)
     rows = []
     try:
+        # A warm-up that shares no prefix with the session: on a GPU the first
+        # requests compile kernels, which would inflate turn 1.
+        for words in (50, 1000) if args.warm_up else ():
+            stream(port, {"model": "warm-up", "max_tokens": 4, "stream": True,
+                          "messages": [{"role": "user", "content": "Warm up. " * words}]})
         for tool in captured["tools"]:
             body["tools"].append(tool)
             if args.prompt_tokens and count(port, body) > args.prompt_tokens:
@@ -118,7 +136,7 @@ def main():
             cached = usage["cache_read_input_tokens"]
             rows.append((n, read + cached, read, cached, ttft * 1000))
             print(rows[-1], flush=True)
-            body["messages"][-1]["content"][0].pop("cache_control")
+            body["messages"][-1]["content"][-1].pop("cache_control")
             body["messages"] += [{"role": "assistant", "content": text or "."},
                                  user_turn(TOOL_RESULT)]
         health = get_json(port, "/health")

@@ -11,7 +11,11 @@ message types below.
 Requests decode together in one batch (mlx-lm's ``BatchGenerator``): each
 joins between two decode steps once its prompt has been read, and leaves
 when it finishes, is cancelled or fails, with its own sampler, stop sequences
-and ``max_tokens``. Prompts are read a slice per step, so a long prompt
+and ``max_tokens``. A request alone runs "solo" on a plain KV cache instead:
+a batch of one pays the batch's bookkeeping on every token (measured on an
+H100: half the decode rate), and one request at a time is the common case of
+a single user. It joins the batch when another arrives, and the last request
+left in a batch goes solo again. Prompts are read a slice per step, so a long prompt
 slows the others' decoding but does not stop it. Finished requests leave
 their KV cache in an LRU store bounded in bytes; a new request starts from
 the longest stored prefix of its tokens. More requests than the batch holds
@@ -153,6 +157,21 @@ class _Slot:
         self.first_token_at = None
 
 
+class _Solo:
+    """The model state of a request running alone: its KV cache, the tokens
+    in it, the prompt tokens not yet read, and ``pending``: the token sampled
+    last (an mx.array, maybe still computing), not yet fed to the model;
+    ``shown`` says whether it has been delivered already."""
+
+    def __init__(self, slot, cache, tokens, unread, pending=None, shown=False):
+        self.slot = slot
+        self.cache = cache
+        self.tokens = tokens
+        self.unread = unread
+        self.pending = pending
+        self.shown = shown
+
+
 @functools.lru_cache(maxsize=64)
 def _sampler(temperature, top_p, top_k):
     """One sampler per setting, shared: a batch whose requests share a sampler
@@ -179,6 +198,7 @@ class Engine:
         self._inbox = thread_queue.SimpleQueue()
         self._waiting = deque()  # _Slots accepted, not yet in the batch
         self._running = {}  # the batch: generator uid -> _Slot
+        self._solo = None  # or the _Solo running alone, outside the batch
         self._generator = None
         self._thread = None
         self._stopping = False
@@ -216,7 +236,7 @@ class Engine:
 
     def stats(self):
         cache = self._prompt_cache
-        stats = {"running": len(self._running),
+        stats = {"running": len(self._running) + (self._solo is not None),
                  "waiting": len(self._waiting) + self._inbox.qsize(),
                  "max_running": self._max_running,
                  "prompt_cache_entries": len(cache) if cache is not None else 0,
@@ -263,11 +283,12 @@ class Engine:
         self._generator = self._new_generator()
         try:
             while not self._stopping:
-                self._take_inbox(block=not (self._waiting or self._running))
+                self._take_inbox(block=not (self._waiting or self._running
+                                            or self._solo))
                 self._drop_cancelled()
-                self._fill_batch()
-                if self._running and not self._stopping:
-                    self._step()
+                self._schedule()
+                if not self._stopping:
+                    self._advance()
         finally:
             self._generator.close()
 
@@ -332,6 +353,13 @@ class Engine:
                 if slot.job.cancelled:
                     log.info("job %d cancelled while waiting", slot.job.id)
             self._waiting = deque(s for s in self._waiting if not s.job.cancelled)
+        solo = self._solo
+        if solo is not None and (solo.slot.job.cancelled or self._stopping):
+            log.info("job %d cancelled after %d of %d prompt tokens, %d output tokens",
+                     solo.slot.job.id, len(solo.slot.prompt) - solo.slot.unread,
+                     len(solo.slot.prompt), solo.slot.output_tokens)
+            self._solo = None
+            self._store(solo.slot, solo.cache, solo.tokens)
         gone = [uid for uid, slot in self._running.items()
                 if slot.job.cancelled or self._stopping]
         for uid in gone:
@@ -341,40 +369,179 @@ class Engine:
                      slot.output_tokens)
             self._leave(uid)
 
-    def _fill_batch(self):
-        """Move waiting requests into the batch while it has room."""
-        while self._waiting and len(self._running) < self._max_running:
-            slot = self._waiting.popleft()
-            try:
-                cache, rest = self._cached_prefix(slot.prompt)
-                slot.cached = len(slot.prompt) - len(rest)
-                slot.unread = len(rest) - 1
-                req = slot.job.request
-                # top_k beyond the vocabulary means "no limit" (argpartition
-                # would fail).
-                top_k = req.top_k if req.top_k and req.top_k < self._vocab_size else 0
-                (uid,) = self._generator.insert(
-                    [rest], max_tokens=[slot.max_tokens], caches=[cache],
-                    all_tokens=[slot.prompt[:slot.cached]],
-                    samplers=[_sampler(req.temperature, req.top_p or 0.0, top_k)])
-            except Exception as e:
-                log.exception("could not start job %d", slot.job.id)
-                slot.job.deliver(Failed("internal", f"generation failed: {e}"))
-                continue
-            self._running[uid] = slot
+    def _advance(self):
+        """One step of work: for the solo request, or for the batch."""
+        if self._solo is not None:
+            self._solo_step()
+        elif self._running:
+            self._step()
 
-    def _cached_prefix(self, prompt):
-        """A KV cache holding the longest stored prefix of ``prompt``, and the
-        prompt tokens still to process (at least one: its logits are needed)."""
+    def _schedule(self):
+        """Decide who runs: a request alone runs solo; more than one share the
+        batch, which takes waiting requests while it has room."""
+        if self._solo is not None and self._waiting and self._max_running > 1:
+            self._guarded(self._solo.slot, self._to_batch)  # company has come
+        elif self._solo is None and len(self._running) == 1 and not self._waiting:
+            (slot,) = self._running.values()
+            self._guarded(slot, self._to_solo)  # the last one left in the batch
+        if self._solo is None and not self._running and len(self._waiting) == 1:
+            slot = self._waiting.popleft()
+            self._guarded(slot, self._start_solo, slot)
+        while (self._waiting and self._solo is None
+               and len(self._running) < self._max_running):
+            slot = self._waiting.popleft()
+            self._guarded(slot, self._start_batched, slot)
+
+    def _guarded(self, slot, action, *args):
+        """Run ``action``; if it fails, that request alone fails."""
+        try:
+            action(*args)
+        except Exception as e:
+            self._fail(slot, e)
+
+    def _fail(self, slot, error):
+        log.exception("job %d failed", slot.job.id, exc_info=error)
+        slot.job.deliver(Failed("internal", f"generation failed: {error}"))
+        if self._solo is not None and self._solo.slot is slot:
+            self._solo = None
+        for uid in [uid for uid, s in self._running.items() if s is slot]:
+            self._leave(uid, keep_cache=False)
+
+    def _start_solo(self, slot):
+        cache, rest = self._cached_prefix(slot)
+        self._solo = _Solo(slot, cache, slot.prompt[:slot.cached], rest)
+
+    def _start_batched(self, slot):
+        cache, rest = self._cached_prefix(slot)
+        self._insert(slot, rest, cache, slot.prompt[:slot.cached], slot.max_tokens)
+
+    def _sampler(self, slot):
+        req = slot.job.request
+        # top_k beyond the vocabulary means "no limit" (argpartition would fail).
+        top_k = req.top_k if req.top_k and req.top_k < self._vocab_size else 0
+        return _sampler(req.temperature, req.top_p or 0.0, top_k)
+
+    def _insert(self, slot, prompt, cache, tokens, max_tokens):
+        """Add ``slot`` to the batch: ``prompt`` still to read after the
+        ``tokens`` its ``cache`` holds, at most ``max_tokens`` more to make."""
+        (uid,) = self._generator.insert(
+            [prompt], max_tokens=[max_tokens], caches=[cache], all_tokens=[tokens],
+            samplers=[self._sampler(slot)])
+        slot.unread = len(prompt) - 1
+        self._running[uid] = slot
+
+    def _to_batch(self):
+        """Move the solo request into the batch, where others can join it."""
+        solo, self._solo = self._solo, None
+        slot = solo.slot
+        if solo.pending is None:  # still reading its prompt
+            self._insert(slot, solo.unread, solo.cache, solo.tokens, slot.max_tokens)
+            return
+        # The batch starts from a token to feed: the one sampled last, which
+        # is delivered first if it has not been.
+        token = int(solo.pending.item())
+        if not solo.shown and self._solo_emit(solo, token):
+            return  # that token ended it
+        self._insert(slot, [token], solo.cache, solo.tokens,
+                     slot.max_tokens - slot.output_tokens)
+
+    def _to_solo(self):
+        """Take the batch's last request out to run solo (decoding only; one
+        still reading its prompt stays). Uses two internals of mlx-lm's
+        BatchGenerator (its generation batch and that batch's next tokens);
+        if they are not there, the request simply stays in the batch."""
+        (uid,) = self._running
+        batch = getattr(self._generator, "_generation_batch", None)
+        pending = getattr(batch, "_next_tokens", None)
+        if batch is None or pending is None or list(batch.uids) != [uid]:
+            return
+        pending = pending[0:1]
+        cache, tokens = self._generator.remove([uid], return_prompt_caches=True)[uid]
+        slot = self._running.pop(uid)
+        self._solo = _Solo(slot, cache, list(tokens), [], pending)
+
+    def _cached_prefix(self, slot):
+        """A KV cache holding the longest stored prefix of the slot's prompt,
+        and the prompt tokens still to read (at least one: its logits are
+        needed). Sets ``slot.cached`` and ``slot.unread``."""
         from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
+        prompt = slot.prompt
         cache, rest = self._prompt_cache.fetch_nearest_cache(PROMPT_CACHE_KEY, prompt)
         if cache is None:
-            return make_prompt_cache(self.model.model), prompt
-        if not rest:  # the whole prompt was stored: recompute its last token
+            cache, rest = make_prompt_cache(self.model.model), prompt
+        elif not rest:  # the whole prompt was stored: recompute its last token
             trim_prompt_cache(cache, 1)
             rest = prompt[-1:]
-        return cache, rest
+        slot.cached = len(prompt) - len(rest)
+        slot.unread = len(rest) - 1
+        return cache, list(rest)
+
+    # A request running alone.
+
+    def _solo_step(self):
+        """One prefill chunk or one decode step of the solo request."""
+        solo = self._solo
+        self._guarded(solo.slot, self._solo_read if solo.pending is None
+                      else self._solo_decode, solo)
+
+    def _solo_read(self, solo):
+        """Read a chunk of the prompt; after its last token, the first token
+        of the answer is computed and delivered on its own, so it reaches the
+        client before the second starts computing (on a CPU that work takes
+        every core, and the event loop would otherwise wait for one)."""
+        import mlx.core as mx
+
+        model, cache = self.model.model, solo.cache
+        with mx.stream(self._stream):
+            if len(solo.unread) > 1:
+                n = min(self._prefill_chunk, len(solo.unread) - 1)
+                chunk, solo.unread = solo.unread[:n], solo.unread[n:]
+                model(mx.array(chunk)[None], cache=cache)
+                mx.eval([c.state for c in cache])
+                solo.tokens += chunk
+                solo.slot.unread = len(solo.unread) - 1
+                return
+            logits = model(mx.array(solo.unread)[None], cache=cache)[:, -1, :]
+            solo.tokens += solo.unread
+            solo.unread = []
+            solo.slot.unread = 0
+            solo.pending = self._sampler(solo.slot)(
+                logits - mx.logsumexp(logits, keepdims=True))
+            token = int(solo.pending.item())
+        solo.shown = True
+        self._solo_emit(solo, token)
+
+    def _solo_decode(self, solo):
+        """Feed the pending token and start computing the next; deliver the
+        pending one unless it was already. The same pipelining as mlx-lm's
+        generate_step: each step's model call overlaps the last's readback."""
+        import mlx.core as mx
+
+        current = solo.pending
+        with mx.stream(self._stream):
+            logits = self.model.model(current[None], cache=solo.cache)[:, -1, :]
+            solo.pending = self._sampler(solo.slot)(
+                logits - mx.logsumexp(logits, keepdims=True))
+            mx.async_eval(solo.pending)
+        token = int(current.item())
+        solo.tokens.append(token)
+        if solo.shown:
+            solo.shown = False
+        else:
+            self._solo_emit(solo, token)
+
+    def _solo_emit(self, solo, token):
+        """Deliver ``token`` of the solo request; returns True if it ended the
+        request (its cache then goes to the prompt cache)."""
+        slot = solo.slot
+        reason = self._deliver_token(slot, token)
+        if reason is None:
+            return False
+        self._solo = None
+        stored = self._store(slot, solo.cache, solo.tokens)
+        self._finished(slot, *reason, stored)
+        return True
 
     def _step(self):
         """One decode step for the batch and one prefill chunk for the prompts
@@ -405,25 +572,31 @@ class Engine:
             slot = self._running.get(r.uid)
             if slot is None:
                 continue
-            try:
-                self._emit(r.uid, slot, r)
-            except Exception as e:
-                # Our own per-request work (detokenizing, stop sequences,
-                # delivery) failed: that request alone ends.
-                log.exception("job %d failed", slot.job.id)
-                slot.job.deliver(Failed("internal", f"generation failed: {e}"))
-                if r.uid in self._running:
-                    self._leave(r.uid, keep_cache=False)
+            # Our own per-request work (detokenizing, stop sequences,
+            # delivery) failing ends that request alone.
+            self._guarded(slot, self._emit, r.uid, slot, r)
 
     def _emit(self, uid, slot, r):
-        """Handle one generated token of ``slot``."""
+        """Handle one generated token of ``slot`` in the batch."""
+        reason = self._deliver_token(slot, r.token)
+        if reason is None and r.finish_reason:  # the generator's count ran out
+            reason = self._flush(slot, "max_tokens")
+        if reason is None:
+            return
+        # The generator has already dropped a request it finished itself.
+        stored = self._leave(uid, r if r.finish_reason else None)
+        self._finished(slot, *reason, stored)
+
+    def _deliver_token(self, slot, token):
+        """Count and deliver one generated token (its text, if any). Returns
+        (stop_reason, stop_sequence) if it ends the request, else None."""
         slot.output_tokens += 1
         if slot.first_token_at is None:
             slot.first_token_at = time.perf_counter()
-        if r.finish_reason == "stop":  # an end-of-sequence token: not text
-            return self._finish(uid, slot, "end_turn", r)
+        if token in self.model.tokenizer.eos_token_ids:  # the end: not text
+            return self._flush(slot, "end_turn")
         detokenizer = slot.detokenizer
-        detokenizer.add_token(r.token)
+        detokenizer.add_token(token)
         if slot.job.request.stop_sequences:
             text, matched = slot.stops.feed(detokenizer.last_segment)
         else:  # the common case: nothing to hold back
@@ -431,23 +604,23 @@ class Engine:
         if text:
             slot.job.deliver(TextDelta(text))
         if matched is not None:
-            return self._finish(uid, slot, "stop_sequence", None, matched)
-        if r.finish_reason == "length":
-            return self._finish(uid, slot, "max_tokens", r)
+            return "stop_sequence", matched
+        if slot.output_tokens >= slot.max_tokens:
+            return self._flush(slot, "max_tokens")
+        return None
 
-    def _finish(self, uid, slot, stop_reason, r, stop_sequence=None):
-        if stop_sequence is None:
-            # The detokenizer's and the matcher's held-back text (a stop
-            # sequence may still complete in the detokenizer's last piece).
-            slot.detokenizer.finalize()
-            text, stop_sequence = slot.stops.feed(slot.detokenizer.last_segment)
-            if stop_sequence is None:
-                text += slot.stops.flush()
-            else:
-                stop_reason = "stop_sequence"
-            if text:
-                slot.job.deliver(TextDelta(text))
-        stored = self._leave(uid, r)
+    def _flush(self, slot, stop_reason):
+        """Deliver the detokenizer's and the matcher's held-back text (a stop
+        sequence may still complete in the detokenizer's last piece)."""
+        slot.detokenizer.finalize()
+        text, matched = slot.stops.feed(slot.detokenizer.last_segment)
+        if matched is None:
+            text += slot.stops.flush()
+        if text:
+            slot.job.deliver(TextDelta(text))
+        return ("stop_sequence", matched) if matched is not None else (stop_reason, None)
+
+    def _finished(self, slot, stop_reason, stop_sequence, stored):
         now = time.perf_counter()
         decode_s = now - slot.first_token_at
         read = len(slot.prompt) - slot.cached
@@ -460,16 +633,22 @@ class Engine:
 
     def _leave(self, uid, finished=None, keep_cache=True):
         """Take ``uid`` out of the batch (the generator already has when it
-        ``finished`` it) and keep its KV cache: a prefix of its prompt and
-        answer serves the next request that starts the same way (the next turn
-        of a chat), also after a cancellation. Returns whether it was kept."""
+        ``finished`` it) and keep its KV cache. Returns whether it was kept."""
         slot = self._running.pop(uid)
         if finished is not None:
             cache, tokens = finished.prompt_cache, finished.all_tokens
         else:
             cache, tokens = self._generator.remove(
                 [uid], return_prompt_caches=keep_cache).get(uid, (None, None))
-        if not keep_cache or not cache:
+        if not keep_cache:
+            return False
+        return self._store(slot, cache, tokens)
+
+    def _store(self, slot, cache, tokens):
+        """Keep a KV cache: a prefix of the request's prompt and answer serves
+        the next request that starts the same way (the next turn of a chat),
+        also after a cancellation. Returns whether it was kept."""
+        if not cache:
             return False
         held = cache[0].offset
         if not held or len(tokens) < held:

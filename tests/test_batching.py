@@ -90,7 +90,7 @@ def solo(engine, request):
 
 
 class SteppedEngine(Engine):
-    """Runs a batch step only when the test calls ``step()``."""
+    """Runs a step of work (solo or batch) only when the test calls ``step()``."""
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
@@ -100,11 +100,11 @@ class SteppedEngine(Engine):
         for _ in range(n):
             self._allowed.release()
 
-    def _step(self):
+    def _advance(self):
         while not self._allowed.acquire(timeout=0.1):
             if self._stopping:
                 return
-        super()._step()
+        super()._advance()
 
 
 # --- Batching ----------------------------------------------------------------------
@@ -175,6 +175,39 @@ def test_batch_holds_max_running_and_the_rest_wait(engines):
             line.until(name, Finished)
 
 
+def test_a_lone_request_moves_into_the_batch_and_back_without_losing_a_token(engines):
+    engine = engines(SteppedEngine)
+    alone, _ = solo(start_free(engines), greedy(max_tokens=60))
+    line = Timeline()
+    line.submit(engine, "long", greedy(max_tokens=60))
+    line.until("long", Accepted)
+    engine.step(10)  # reading, first token, then decoding alone
+    wait_for(lambda: engine._solo is not None and engine._solo.slot.output_tokens >= 5)
+    line.submit(engine, "short", greedy("Tell me about dogs", max_tokens=5))
+    wait_for(lambda: engine._solo is None and engine.stats()["running"] == 2)  # one batch
+    engine.step(20)
+    line.until("short", Finished)
+    # The last one left in the batch runs alone again.
+    wait_for(lambda: engine._solo is not None)
+    assert engine._solo.slot.job.request.max_tokens == 60
+    engine.step(1000)
+    done = line.until("long", Finished)
+    assert done.output_tokens == 60 and line.text("long") == alone
+
+
+def wait_for(predicate):
+    for _ in range(TIMEOUT * 100):
+        if predicate():
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError("condition not reached")
+
+
+def start_free(engines):
+    """An engine that runs freely beside a stepped one."""
+    return engines()
+
+
 # --- Cancellation ----------------------------------------------------------------
 
 
@@ -226,10 +259,10 @@ class FaultyEngine(Engine):
 
     break_batch = False
 
-    def _emit(self, uid, slot, r):
+    def _deliver_token(self, slot, token):
         if "FAULT" in slot.job.request.messages[-1][1] and slot.output_tokens == 2:
             raise RuntimeError("injected fault")
-        return super()._emit(uid, slot, r)
+        return super()._deliver_token(slot, token)
 
     def _step(self):
         if self.break_batch:
@@ -261,9 +294,12 @@ def test_a_failed_batch_step_fails_its_requests_and_the_engine_goes_on(engines):
     engine = engines(FaultyEngine)
     line = Timeline()
     line.submit(engine, "a", greedy(max_tokens=100))
+    line.submit(engine, "b", greedy("Another one", max_tokens=100))
     line.until("a", TextDelta)
+    line.until("b", TextDelta)
     engine.break_batch = True
-    assert line.until("a", Failed).message == "generation failed: injected batch fault"
+    for name in "ab":
+        assert line.until(name, Failed).message == "generation failed: injected batch fault"
     text, done = solo(engine, greedy(max_tokens=5))
     assert isinstance(done, Finished) and done.output_tokens == 5
 
