@@ -103,6 +103,7 @@ def main():
                              "attaches files")
     parser.add_argument("--warm-up", action="store_true",
                         help="send two unrelated requests first (GPU kernel compilation)")
+    parser.add_argument("--server-log", help="keep the server's log in this file")
     parser.add_argument("--record", action="store_true")
     parser.add_argument("server_args", nargs="*", help="more pensieve.py options")
     args = parser.parse_args()
@@ -117,7 +118,7 @@ def main():
         body["messages"][0]["content"].insert(0, {
             "type": "text", "text": "<system-reminder>Contents of pensieve.py:\n"
             + source[:4 * args.context_tokens] + "</system-reminder>"})
-    log = open(os.devnull, "w")
+    log = open(args.server_log or os.devnull, "w")
     proc, port = start_server(args.model, log, args.server_args)
     rows = []
     try:

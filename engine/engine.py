@@ -32,13 +32,14 @@ from collections import deque
 from dataclasses import dataclass
 
 from .models import ModelError, load, physical_memory
-from .text import RenderError, StopMatcher, render_prompt
+from .text import PromptEncoder, RenderError, StopMatcher, render_prompt
 
 log = logging.getLogger("pensieve.engine")
 
-# Prompt tokens read per engine step, shared among the prompts being read.
-# Between steps the engine takes new requests and notices cancellations, and
-# the running requests decode one token, so this bounds how long any of them
+# Prompt tokens read per engine step, shared among the prompts being read
+# while others decode (each prompt gets a whole chunk when none do). Between
+# steps the engine takes new requests and notices cancellations, and the
+# running requests decode one token, so this bounds how long any of them
 # waits behind a long prompt.
 PREFILL_CHUNK_CPU = 256
 PREFILL_CHUNK_GPU = 2048
@@ -267,6 +268,11 @@ class Engine:
             self._prefill_chunk = (PREFILL_CHUNK_CPU if self.model.device == "cpu"
                                    else PREFILL_CHUNK_GPU)
         self._vocab_size = len(self.model.tokenizer.vocab)  # ~20 ms: once
+        self._encode = PromptEncoder(self.model.tokenizer)
+        if not self._encode.usable:
+            log.info("this tokenizer is not encoded piece by piece: each prompt is "
+                     "tokenized whole")
+            self._encode = None
         import mlx.core as mx
         from mlx_lm.models.cache import LRUPromptCache
 
@@ -318,9 +324,10 @@ class Engine:
                 self._admit(job)
 
     def _admit(self, job):
+        started = time.perf_counter()
         try:
             prompt = render_prompt(self.model.tokenizer, job.request.messages,
-                                   job.request.tools)
+                                   job.request.tools, self._encode)
         except RenderError as e:
             job.deliver(Failed("invalid_request", str(e)))
             return
@@ -342,6 +349,8 @@ class Engine:
             return
         max_tokens = min(job.request.max_tokens, window - len(prompt))
         job.deliver(Accepted(len(prompt), max_tokens))
+        log.debug("job %d: %d prompt tokens, rendered and tokenized in %.1f ms", job.id,
+                  len(prompt), (time.perf_counter() - started) * 1000)
         self._waiting.append(_Slot(job, prompt, max_tokens,
                                    self.model.tokenizer.detokenizer))
 
@@ -467,6 +476,7 @@ class Engine:
         from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
         prompt = slot.prompt
+        started = time.perf_counter()
         cache, rest = self._prompt_cache.fetch_nearest_cache(PROMPT_CACHE_KEY, prompt)
         if cache is None:
             cache, rest = make_prompt_cache(self.model.model), prompt
@@ -475,6 +485,9 @@ class Engine:
             rest = prompt[-1:]
         slot.cached = len(prompt) - len(rest)
         slot.unread = len(rest) - 1
+        log.debug("job %d: %d of %d prompt tokens from the prompt cache (%.1f ms)",
+                  slot.job.id, slot.cached, len(prompt),
+                  (time.perf_counter() - started) * 1000)
         return cache, list(rest)
 
     # A request running alone.
@@ -547,9 +560,13 @@ class Engine:
         """One decode step for the batch and one prefill chunk for the prompts
         being read, then each request's new token to its owner."""
         reading = sum(1 for slot in self._running.values() if slot.unread > 0)
-        # The chunk is shared: many prompts read at once each get a slice.
-        self._generator.prefill_step_size = max(
-            self._prefill_chunk // max(reading, 1), PREFILL_MIN_SLICE)
+        if reading < len(self._running):
+            # Others are decoding: the prompts being read share one chunk, so
+            # each step keeps the others' next token as near as one chunk.
+            self._generator.prefill_step_size = max(
+                self._prefill_chunk // max(reading, 1), PREFILL_MIN_SLICE)
+        else:  # nobody waits on a token: each prompt gets a whole chunk
+            self._generator.prefill_step_size = self._prefill_chunk
         try:
             progress, generated = self._generator.next()
         except Exception as e:

@@ -115,10 +115,80 @@ def render_text(tokenizer, messages, tools=()):
     raise RenderError(f"the model's chat template rejected the conversation: {error}")
 
 
-def render_prompt(tokenizer, messages, tools=()):
-    """Render ``messages`` and tokenize the result (template adds BOS itself)."""
+def render_prompt(tokenizer, messages, tools=(), encode=None):
+    """Render ``messages`` and tokenize the result (template adds BOS itself)
+    with ``encode`` (a PromptEncoder) or the tokenizer itself."""
     text = render_text(tokenizer, messages, tools)
+    if encode is not None:
+        return encode(text)
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+class PromptEncoder:
+    """Tokenizes prompts piece by piece, remembering the pieces.
+
+    A tokenizer cuts its added tokens (``<|im_start|>`` and the like) out of
+    the text first and encodes the text between them on its own, so a
+    prompt's tokens are its pieces' tokens in a row. Each turn of a chat
+    repeats the last turn's pieces (for Claude Code, a system prompt with its
+    tools of ~20k tokens, 80 ms to encode) and adds a few: only those are
+    encoded. ``usable`` is False when the tokenizer does not pass that check
+    on a sample; then each prompt is encoded whole.
+    """
+
+    SAMPLE = [("system", "Be brief.\n  Use tools: {\"a\": [1, 2]}\n"),
+              ("user", "  Héllo,\tworld!\n\n```py\nx = 1\n```"),
+              ("assistant", "Sure -- 12,345.67 ü 😀"), ("user", "\nAnd again? ")]
+
+    def __init__(self, tokenizer, max_chars=8_000_000):
+        import re
+        from collections import OrderedDict
+
+        self._tokenizer = tokenizer
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        self._ids = {t.content: i for i, t in added.items() if t.content}
+        self._split = (re.compile("(" + "|".join(
+            re.escape(t) for t in sorted(self._ids, key=len, reverse=True)) + ")")
+            if self._ids else None)
+        self._pieces = OrderedDict()  # text -> token ids, least recent first
+        self._chars = 0
+        self._max_chars = max_chars
+        self.usable = False
+        try:
+            sample = render_text(tokenizer, self.SAMPLE)
+            self.usable = (self._split is not None
+                           and self(sample) == self._whole(sample))
+        except Exception:  # a tokenizer without these attributes: encode whole
+            pass
+        self._pieces.clear()
+        self._chars = 0
+
+    def _whole(self, text):
+        return self._tokenizer.encode(text, add_special_tokens=False)
+
+    def __call__(self, text):
+        if self._split is None:
+            return self._whole(text)
+        ids = []
+        for i, part in enumerate(self._split.split(text)):
+            if i % 2:
+                ids.append(self._ids[part])
+            elif part:
+                ids += self._piece(part)
+        return ids
+
+    def _piece(self, text):
+        ids = self._pieces.get(text)
+        if ids is not None:
+            self._pieces.move_to_end(text)
+            return ids
+        ids = self._whole(text)
+        self._pieces[text] = ids
+        self._chars += len(text)
+        while self._chars > self._max_chars:
+            old, _ = self._pieces.popitem(last=False)
+            self._chars -= len(old)
+        return ids
 
 
 class StopMatcher:

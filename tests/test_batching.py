@@ -101,6 +101,8 @@ class SteppedEngine(Engine):
             self._allowed.release()
 
     def _advance(self):
+        if self._solo is None and not self._running:
+            return  # nothing to run: the engine goes back to its inbox
         while not self._allowed.acquire(timeout=0.1):
             if self._stopping:
                 return
@@ -184,6 +186,7 @@ def test_a_lone_request_moves_into_the_batch_and_back_without_losing_a_token(eng
     engine.step(10)  # reading, first token, then decoding alone
     wait_for(lambda: engine._solo is not None and engine._solo.slot.output_tokens >= 5)
     line.submit(engine, "short", greedy("Tell me about dogs", max_tokens=5))
+    engine.step()  # the engine takes it in after the step it is waiting to run
     wait_for(lambda: engine._solo is None and engine.stats()["running"] == 2)  # one batch
     engine.step(20)
     line.until("short", Finished)

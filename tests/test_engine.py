@@ -324,3 +324,32 @@ def test_prompt_cache_is_bounded_in_bytes(tiny_model_dir):
             assert 0 < small.stats()["prompt_cache_bytes"] <= 200_000
     finally:
         small.stop(10)
+
+
+# --- Tokenizing prompts piece by piece ---------------------------------------------
+
+
+def test_prompt_encoder_equals_whole_encoding_and_encodes_only_new_pieces(smollm_dir):
+    from pathlib import Path
+
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    from engine.text import PromptEncoder, render_text
+
+    tokenizer = load_tokenizer(Path(smollm_dir))
+    encode = PromptEncoder(tokenizer)
+    assert encode.usable
+    captured = json.loads((Path(__file__).parent / "captures" / "claude-2.1.197"
+                           / "full-main.json").read_text())["body"]
+    system = "\n\n".join(b["text"] for b in captured["system"])
+    messages = [("system", system), ("user", "List the files, then read README.md.")]
+    encoded = []
+    encode._whole = lambda text, whole=encode._whole: encoded.append(text) or whole(text)
+    for turn in range(3):
+        text = render_text(tokenizer, messages, captured["tools"][:6])
+        encoded.clear()
+        assert encode(text) == tokenizer.encode(text, add_special_tokens=False)
+        if turn:  # the system prompt and earlier turns were remembered
+            assert 0 < sum(map(len, encoded)) < len(text) / 20
+        messages += [("assistant", f"Answer {turn}: ok ü 😀"),
+                     ("user", f"total {turn}\n-rw-r--r-- 1 dev dev  1203 README.md\n")]
