@@ -160,17 +160,22 @@ class _Slot:
 
 class _Solo:
     """The model state of a request running alone: its KV cache, the tokens
-    in it, the prompt tokens not yet read, and ``pending``: the token sampled
-    last (an mx.array, maybe still computing), not yet fed to the model;
-    ``shown`` says whether it has been delivered already."""
+    in it, the prompt tokens not yet read, ``next_input``: a token delivered
+    but not yet fed to the model, and ``steps``: mlx-lm's generate_step once
+    decoding (every token it has yielded is in the cache)."""
 
-    def __init__(self, slot, cache, tokens, unread, pending=None, shown=False):
+    def __init__(self, slot, cache, tokens, unread, next_input=None):
         self.slot = slot
         self.cache = cache
         self.tokens = tokens
         self.unread = unread
-        self.pending = pending
-        self.shown = shown
+        self.next_input = next_input
+        self.steps = None
+
+    def close(self):
+        if self.steps is not None:
+            self.steps.close()
+            self.steps = None
 
 
 @functools.lru_cache(maxsize=64)
@@ -302,7 +307,7 @@ class Engine:
         from mlx_lm.generate import BatchGenerator
 
         eos = [[t] for t in sorted(self.model.tokenizer.eos_token_ids)]
-        # The batch is bounded here, by _fill_batch: the generator takes
+        # The batch is bounded here, by _schedule: the generator takes
         # everything it is given at once.
         return BatchGenerator(self.model.model, stop_tokens=eos,
                               completion_batch_size=self._max_running,
@@ -368,6 +373,7 @@ class Engine:
                      solo.slot.job.id, len(solo.slot.prompt) - solo.slot.unread,
                      len(solo.slot.prompt), solo.slot.output_tokens)
             self._solo = None
+            solo.close()
             self._store(solo.slot, solo.cache, solo.tokens)
         gone = [uid for uid, slot in self._running.items()
                 if slot.job.cancelled or self._stopping]
@@ -412,6 +418,7 @@ class Engine:
         log.exception("job %d failed", slot.job.id, exc_info=error)
         slot.job.deliver(Failed("internal", f"generation failed: {error}"))
         if self._solo is not None and self._solo.slot is slot:
+            self._solo.close()
             self._solo = None
         for uid in [uid for uid, s in self._running.items() if s is slot]:
             self._leave(uid, keep_cache=False)
@@ -441,18 +448,22 @@ class Engine:
 
     def _to_batch(self):
         """Move the solo request into the batch, where others can join it."""
+        from mlx_lm.models.cache import trim_prompt_cache
+
         solo, self._solo = self._solo, None
         slot = solo.slot
-        if solo.pending is None:  # still reading its prompt
+        if solo.steps is not None:
+            # generate_step has fed the last token it yielded and is computing
+            # the next, which cannot be taken out of it: drop that token from
+            # the cache, and the batch feeds it again.
+            solo.close()
+            trim_prompt_cache(solo.cache, 1)
+            solo.next_input = solo.tokens.pop()
+        if solo.next_input is None:  # still reading its prompt
             self._insert(slot, solo.unread, solo.cache, solo.tokens, slot.max_tokens)
-            return
-        # The batch starts from a token to feed: the one sampled last, which
-        # is delivered first if it has not been.
-        token = int(solo.pending.item())
-        if not solo.shown and self._solo_emit(solo, token):
-            return  # that token ended it
-        self._insert(slot, [token], solo.cache, solo.tokens,
-                     slot.max_tokens - slot.output_tokens)
+        else:  # the batch starts by feeding the token delivered last
+            self._insert(slot, [solo.next_input], solo.cache, solo.tokens,
+                         slot.max_tokens - slot.output_tokens)
 
     def _to_solo(self):
         """Take the batch's last request out to run solo (decoding only; one
@@ -464,10 +475,11 @@ class Engine:
         pending = getattr(batch, "_next_tokens", None)
         if batch is None or pending is None or list(batch.uids) != [uid]:
             return
-        pending = pending[0:1]
+        token = int(pending[0].item())  # sampled, not yet fed nor delivered
         cache, tokens = self._generator.remove([uid], return_prompt_caches=True)[uid]
         slot = self._running.pop(uid)
-        self._solo = _Solo(slot, cache, list(tokens), [], pending)
+        self._solo = _Solo(slot, cache, list(tokens), [], token)
+        self._solo_emit(self._solo, token)
 
     def _cached_prefix(self, slot):
         """A KV cache holding the longest stored prefix of the slot's prompt,
@@ -495,8 +507,9 @@ class Engine:
     def _solo_step(self):
         """One prefill chunk or one decode step of the solo request."""
         solo = self._solo
-        self._guarded(solo.slot, self._solo_read if solo.pending is None
-                      else self._solo_decode, solo)
+        reading = solo.next_input is None and solo.steps is None
+        self._guarded(solo.slot, self._solo_read if reading else self._solo_decode,
+                      solo)
 
     def _solo_read(self, solo):
         """Read a chunk of the prompt; after its last token, the first token
@@ -519,42 +532,46 @@ class Engine:
             solo.tokens += solo.unread
             solo.unread = []
             solo.slot.unread = 0
-            solo.pending = self._sampler(solo.slot)(
-                logits - mx.logsumexp(logits, keepdims=True))
-            token = int(solo.pending.item())
-        solo.shown = True
+            token = int(self._sampler(solo.slot)(
+                logits - mx.logsumexp(logits, axis=-1, keepdims=True)).item())
+        solo.next_input = token
         self._solo_emit(solo, token)
 
     def _solo_decode(self, solo):
-        """Feed the pending token and start computing the next; deliver the
-        pending one unless it was already. The same pipelining as mlx-lm's
-        generate_step: each step's model call overlaps the last's readback."""
+        """The next token from mlx-lm's generate_step, which pipelines each
+        step's model call with the last one's readback; it starts from the
+        token delivered last."""
         import mlx.core as mx
+        from mlx_lm.generate import generate_step
 
-        current = solo.pending
-        with mx.stream(self._stream):
-            logits = self.model.model(current[None], cache=solo.cache)[:, -1, :]
-            solo.pending = self._sampler(solo.slot)(
-                logits - mx.logsumexp(logits, keepdims=True))
-            mx.async_eval(solo.pending)
-        token = int(current.item())
+        if solo.steps is None:
+            solo.steps = generate_step(
+                mx.array([solo.next_input]), self.model.model, stream=self._stream,
+                prompt_cache=solo.cache, sampler=self._sampler(solo.slot),
+                max_tokens=solo.slot.max_tokens - solo.slot.output_tokens)
+            solo.tokens.append(solo.next_input)
+            solo.next_input = None
+        token = next(solo.steps, None)
+        if token is None:  # its max_tokens: ours says the same, but to be sure
+            return self._solo_end(solo, self._flush(solo.slot, "max_tokens"))
+        token = int(token[0])
         solo.tokens.append(token)
-        if solo.shown:
-            solo.shown = False
-        else:
-            self._solo_emit(solo, token)
+        self._solo_emit(solo, token)
 
     def _solo_emit(self, solo, token):
         """Deliver ``token`` of the solo request; returns True if it ended the
         request (its cache then goes to the prompt cache)."""
-        slot = solo.slot
-        reason = self._deliver_token(slot, token)
+        reason = self._deliver_token(solo.slot, token)
         if reason is None:
             return False
-        self._solo = None
-        stored = self._store(slot, solo.cache, solo.tokens)
-        self._finished(slot, *reason, stored)
+        self._solo_end(solo, reason)
         return True
+
+    def _solo_end(self, solo, reason):
+        self._solo = None
+        solo.close()
+        stored = self._store(solo.slot, solo.cache, solo.tokens)
+        self._finished(solo.slot, *reason, stored)
 
     def _step(self):
         """One decode step for the batch and one prefill chunk for the prompts
