@@ -1259,4 +1259,12 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Leave without the interpreter's teardown: MLX state created by the
+    # engine thread is destroyed there, and that aborts the process ("terminate
+    # called without an active exception", status 134) after a clean stop.
+    # Everything worth keeping (settings, the model cache) is written by now.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
