@@ -15,8 +15,8 @@ and ``max_tokens``. A request alone runs "solo" on a plain KV cache instead:
 a batch of one pays the batch's bookkeeping on every token (measured on an
 H100: half the decode rate), and one request at a time is the common case of
 a single user. It joins the batch when another arrives, and the last request
-left in a batch goes solo again. Prompts are read a slice per step, so a long prompt
-slows the others' decoding but does not stop it. Finished requests leave
+left in a batch goes solo again. Prompts are read a slice per step, so a
+long prompt slows the others' decoding but does not stop it. Finished requests leave
 their KV cache in an LRU store bounded in bytes; a new request starts from
 the longest stored prefix of its tokens. More requests than the batch holds
 wait in line, visible through ``Engine.stats``.
