@@ -78,9 +78,10 @@ def get_json(port, path):
     return data
 
 
-def peak_rss(pid):
+def proc_memory(pid, field="VmHWM"):
+    """A process's memory from /proc, in bytes: VmHWM is the peak RSS."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0
 
@@ -141,7 +142,7 @@ def main():
             body["messages"] += [{"role": "assistant", "content": text or "."},
                                  user_turn(TOOL_RESULT)]
         health = get_json(port, "/health")
-        rss = peak_rss(proc.pid)
+        rss = proc_memory(proc.pid)
     finally:
         stop_server(proc, log)
     lines = [f"### {date.today()} — agent session, {platform.machine()} {os.cpu_count()} "

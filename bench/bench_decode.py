@@ -39,24 +39,25 @@ PROMPT = "Write a long, detailed story about a dragon who learns to write softwa
 KEY = "bench-key"
 
 
-def local_once(loaded, tokens):
+def local_once(loaded, tokens, prompt=PROMPT):
+    """One greedy generation with mlx-lm's stream_generate, timed."""
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
     tok = loaded.tokenizer
     start = time.perf_counter()
-    prompt = tok.encode(tok.apply_chat_template(
-        [{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+    ids = tok.encode(tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True,
         tokenize=False), add_special_tokens=False)
     first = last = None
     n = 0
-    for r in stream_generate(loaded.model, tok, prompt, max_tokens=tokens,
+    for r in stream_generate(loaded.model, tok, ids, max_tokens=tokens,
                              sampler=make_sampler(temp=0.0)):
         last = time.perf_counter()
         first = first or last
         n = r.generation_tokens
-    return {"ttft": first - start, "tps": (n - 1) / (last - first), "tokens": n,
-            "prompt": len(prompt)}
+    return {"start": start, "first": first, "last": last, "tokens": n,
+            "ttft": first - start, "tps": (n - 1) / (last - first), "prompt": len(ids)}
 
 
 def http_once(port, tokens):

@@ -22,17 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_agent_session import get_json, peak_rss, stream  # noqa: E402
+from bench_agent_session import get_json, proc_memory, stream  # noqa: E402
 from bench_decode import publish, start_server, stop_server  # noqa: E402
 
 MB = 1024 * 1024
-
-
-def rss(pid):
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def main():
@@ -51,7 +44,7 @@ def main():
     rows = []
     try:
         health = get_json(port, "/health")
-        base = (rss(proc.pid), health.get("memory_active_bytes", 0))
+        base = (proc_memory(proc.pid, "VmRSS"), health.get("memory_active_bytes", 0))
         for i in range(1, args.prompts + 1):
             words = " ".join(secrets.token_hex(3) for _ in range(args.prompt_words))
             body = {"model": "bench", "max_tokens": 8, "stream": True, "temperature": 0,
@@ -60,9 +53,9 @@ def main():
             health = get_json(port, "/health")
             rows.append((i, usage["input_tokens"], health["prompt_cache_entries"],
                          health["prompt_cache_bytes"], health.get("memory_active_bytes", 0),
-                         health.get("memory_peak_bytes", 0), rss(proc.pid)))
+                         health.get("memory_peak_bytes", 0), proc_memory(proc.pid, "VmRSS")))
             print(rows[-1], flush=True)
-        peak = peak_rss(proc.pid)
+        peak = proc_memory(proc.pid)
         bound = health["prompt_cache_max_bytes"]
         device, model = health["device"], health["model"]
     finally:

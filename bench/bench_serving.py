@@ -42,7 +42,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_decode import KEY, PROMPT, publish, start_server, stop_server  # noqa: E402
+from bench_decode import (KEY, PROMPT, local_once, publish, start_server,  # noqa: E402
+                          stop_server)
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
 
@@ -92,26 +93,6 @@ def openai_stream(port, prompt, tokens):
         port, "/v1/chat/completions", body, {},
         lambda d: d.get("choices") and d["choices"][0].get("delta", {}).get("content"),
         lambda d: (d.get("usage") or {}).get("completion_tokens"))
-
-
-def in_process(loaded, prompt, tokens):
-    from mlx_lm import stream_generate
-    from mlx_lm.sample_utils import make_sampler
-
-    tok = loaded.tokenizer
-    start = time.perf_counter()
-    ids = tok.encode(tok.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True,
-        tokenize=False), add_special_tokens=False)
-    first = last = None
-    n = 0
-    for r in stream_generate(loaded.model, tok, ids, max_tokens=tokens,
-                             sampler=make_sampler(temp=0.0)):
-        last = time.perf_counter()
-        first = first or last
-        n = r.generation_tokens
-    return {"start": start, "first": first, "last": last, "tokens": n,
-            "ttft": first - start, "tps": (n - 1) / (last - first), "prompt": len(ids)}
 
 
 def concurrent(call, port, n, tokens):
@@ -241,7 +222,7 @@ def main():
     try:
         servers["pensieve"] = start_server(args.model, logs["pensieve"])
         servers["peer"] = start_peer(peer_dir, logs["peer"], loaded.device == "cpu")
-        paths = {"in-process mlx-lm": lambda p, t: in_process(loaded, p, t),
+        paths = {"in-process mlx-lm": lambda p, t: local_once(loaded, t, p),
                  "pensieve (HTTP)": lambda p, t: anthropic_stream(
                      servers["pensieve"][1], p, t),
                  "mlx_lm.server (HTTP)": lambda p, t: openai_stream(

@@ -178,6 +178,12 @@ class _Solo:
             self.steps = None
 
 
+def _log_cancelled(slot):
+    log.info("job %d cancelled after %d of %d prompt tokens, %d output tokens",
+             slot.job.id, len(slot.prompt) - slot.unread, len(slot.prompt),
+             slot.output_tokens)
+
+
 @functools.lru_cache(maxsize=64)
 def _sampler(temperature, top_p, top_k):
     """One sampler per setting, shared: a batch whose requests share a sampler
@@ -369,19 +375,14 @@ class Engine:
             self._waiting = deque(s for s in self._waiting if not s.job.cancelled)
         solo = self._solo
         if solo is not None and (solo.slot.job.cancelled or self._stopping):
-            log.info("job %d cancelled after %d of %d prompt tokens, %d output tokens",
-                     solo.slot.job.id, len(solo.slot.prompt) - solo.slot.unread,
-                     len(solo.slot.prompt), solo.slot.output_tokens)
+            _log_cancelled(solo.slot)
             self._solo = None
             solo.close()
             self._store(solo.slot, solo.cache, solo.tokens)
         gone = [uid for uid, slot in self._running.items()
                 if slot.job.cancelled or self._stopping]
         for uid in gone:
-            slot = self._running[uid]
-            log.info("job %d cancelled after %d of %d prompt tokens, %d output tokens",
-                     slot.job.id, len(slot.prompt) - slot.unread, len(slot.prompt),
-                     slot.output_tokens)
+            _log_cancelled(self._running[uid])
             self._leave(uid)
 
     def _advance(self):
