@@ -19,6 +19,7 @@ front), no HTTP/2, no request pipelining beyond what h11 buffers for us.
 
 import argparse
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -33,7 +34,8 @@ from urllib.parse import unquote
 
 import h11
 
-from engine import CountRequest, Failed, Finished, GenerationRequest, TextDelta
+from engine import (CountRequest, Failed, Finished, GenerationRequest, Message,
+                    TextDelta, ThinkingDelta, ToolCallEnd, ToolCallStart, ToolInputDelta)
 
 log = logging.getLogger("pensieve.http")
 
@@ -97,6 +99,8 @@ class Config:
     default_temperature: float = 1.0
     # Bytes of KV cache kept for prefix reuse; None: 1/8 of physical memory.
     prompt_cache_bytes: int | None = None
+    # Decode tool calls and JSON answers under a grammar (needs llguidance).
+    grammar: bool = True
 
 
 # === Errors ===================================================================
@@ -157,9 +161,10 @@ class MessagesRequest:
 
 # Blocks whose content a text-only model cannot take.
 MEDIA_BLOCKS = {"image", "document", "container_upload"}
-# Blocks with nothing to render for the model (its own earlier reasoning).
-SKIPPED_BLOCKS = {"thinking", "redacted_thinking"}
+# Blocks with nothing to render for the model.
+SKIPPED_BLOCKS = {"redacted_thinking"}
 ROLES = ("user", "assistant", "system")
+TOOL_CHOICES = ("auto", "any", "tool", "none")
 
 
 def _number(body, field, low, high):
@@ -186,35 +191,84 @@ def _integer(body, field, low, required=False):
     return value
 
 
-def _block_text(block, field):
-    """The text a content block contributes to the prompt ('' if none)."""
+def _string(block, key, field):
+    value = block.get(key)
+    if not isinstance(value, str):
+        raise invalid(f"{field}.{key}", "Input should be a valid string")
+    return value
+
+
+def _block_kind(block, field):
     if not isinstance(block, dict) or not isinstance(block.get("type"), str):
         raise invalid(field, "Input should be a content block object with a 'type'")
     kind = block["type"]
-    if kind == "text":
-        if not isinstance(block.get("text"), str):
-            raise invalid(f"{field}.text", "Input should be a valid string")
-        return block["text"]
     if kind in MEDIA_BLOCKS:
         raise invalid(field, f"this model takes text only; '{kind}' blocks are not "
                              "supported")
-    if kind in SKIPPED_BLOCKS:
-        return ""
-    if kind == "tool_use":
-        call = {"name": block.get("name"), "input": block.get("input", {})}
-        return json.dumps(call, ensure_ascii=False)
-    if kind == "tool_result":
-        return _content_text(block.get("content", ""), f"{field}.content")
-    raise invalid(field, f"unsupported content block type '{kind}'")
+    return kind
 
 
-def _content_text(content, field):
+def _result_text(content, field):
+    """A tool_result's content: a string or text blocks."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
         raise invalid(field, "Input should be a valid string or list of blocks")
-    parts = [_block_text(b, f"{field}.{i}") for i, b in enumerate(content)]
+    parts = []
+    for i, block in enumerate(content):
+        kind = _block_kind(block, f"{field}.{i}")
+        if kind != "text":
+            raise invalid(f"{field}.{i}", f"unsupported content block type '{kind}' "
+                                          "in a tool result")
+        parts.append(_string(block, "text", f"{field}.{i}"))
     return "\n\n".join(p for p in parts if p)
+
+
+def _message(role, content, field, names):
+    """One API message as engine Messages: a user message's tool results come
+    first (as tool turns), then its text; an assistant message keeps its
+    thinking, text and calls. ``names`` maps call ids to tool names."""
+    if isinstance(content, str):
+        return [Message(role, content)]
+    if not isinstance(content, list):
+        raise invalid(field, "Input should be a valid string or list of blocks")
+    texts, thinking, calls, results = [], [], [], []
+    for i, block in enumerate(content):
+        where = f"{field}.{i}"
+        kind = _block_kind(block, where)
+        if kind == "text":
+            texts.append(_string(block, "text", where))
+        elif kind == "thinking" and role == "assistant":
+            thinking.append(_string(block, "thinking", where))
+        elif kind == "tool_use" and role == "assistant":
+            arguments = block.get("input", {})
+            if not isinstance(arguments, dict):
+                raise invalid(f"{where}.input", "Input should be an object")
+            call_id, name = _string(block, "id", where), _string(block, "name", where)
+            names[call_id] = name
+            calls.append((call_id, name, arguments))
+        elif kind == "tool_result" and role == "user":
+            call_id = _string(block, "tool_use_id", where)
+            results.append(Message(
+                "tool", _result_text(block.get("content", ""), f"{where}.content"),
+                call_id=call_id, name=names.get(call_id),
+                is_error=block.get("is_error") is True))
+        elif kind in SKIPPED_BLOCKS or kind == "thinking":
+            continue
+        else:
+            raise invalid(where, f"unsupported content block type '{kind}'"
+                          + (f" in a {role} message" if kind.startswith("tool") else ""))
+    text = "\n\n".join(t for t in texts if t)
+    if role != "assistant":
+        return results + ([Message(role, text)] if text or not results else [])
+    return [Message(role, text, calls=tuple(calls), thinking="\n\n".join(thinking))]
+
+
+def _join(a, b):
+    """Consecutive turns of one role are one turn (as the API treats them)."""
+    text = "\n\n".join(t for t in (a.text, b.text) if t)
+    return a._replace(text=text, calls=a.calls + b.calls,
+                      thinking="\n\n".join(t for t in (a.thinking, b.thinking) if t))
 
 
 def _messages(body):
@@ -225,7 +279,7 @@ def _messages(body):
         raise invalid("messages", "Input should be a valid list")
     if not raw:
         raise invalid("messages", "at least one message is required")
-    out = []
+    out, names = [], {}
     for i, message in enumerate(raw):
         field = f"messages.{i}"
         if not isinstance(message, dict):
@@ -235,12 +289,11 @@ def _messages(body):
             raise invalid(f"{field}.role", "Input should be 'user' or 'assistant'")
         if "content" not in message:
             raise invalid(f"{field}.content", "Field required")
-        text = _content_text(message["content"], f"{field}.content")
-        if out and out[-1][0] == role and role != "system":
-            # The API joins consecutive turns of one role into a single turn.
-            out[-1] = (role, f"{out[-1][1]}\n\n{text}")
-        else:
-            out.append((role, text))
+        for m in _message(role, message["content"], f"{field}.content", names):
+            if out and out[-1].role == m.role and m.role in ("user", "assistant"):
+                out[-1] = _join(out[-1], m)
+            else:
+                out.append(m)
     return out
 
 
@@ -306,7 +359,7 @@ def _conversation(body):
     messages = _messages(body)
     system = _system(body)
     if system:
-        messages.insert(0, ("system", system))
+        messages.insert(0, Message("system", system))
     return tuple(messages)
 
 
@@ -327,6 +380,60 @@ def parse_count_request(raw):
     return body["model"], CountRequest(_conversation(body), _tools(body))
 
 
+def _tool_choice(body, tools):
+    """(choice, parallel): choice is auto, any, none or the one tool's name."""
+    choice = body.get("tool_choice")
+    if choice is None:
+        return "auto", True
+    if not isinstance(choice, dict) or choice.get("type") not in TOOL_CHOICES:
+        raise invalid("tool_choice", "Input should be an object with 'type' one of "
+                      + ", ".join(TOOL_CHOICES))
+    parallel = choice.get("disable_parallel_tool_use")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise invalid("tool_choice.disable_parallel_tool_use",
+                      "Input should be a valid boolean")
+    kind = choice["type"]
+    names = [t["name"] for t in tools]
+    if kind in ("any", "tool") and not names:
+        raise invalid("tool_choice", f"tool_choice '{kind}' needs tools")
+    if kind == "tool":
+        name = choice.get("name")
+        if name not in names:
+            raise invalid("tool_choice.name", f"no tool named {name!r} in tools")
+        kind = name
+    return kind, not parallel
+
+
+def _answer_schema(body):
+    """The JSON schema of ``output_config.format`` (or the older top-level
+    ``output_format``), or None."""
+    config = body.get("output_config")
+    if config is not None and not isinstance(config, dict):
+        raise invalid("output_config", "Input should be an object")
+    field, fmt = "output_config.format", (config or {}).get("format")
+    if fmt is None and body.get("output_format") is not None:
+        field, fmt = "output_format", body["output_format"]
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        raise invalid(field, "Input should be {'type': 'json_schema', 'schema': {...}}")
+    if not isinstance(fmt.get("schema"), dict):
+        raise invalid(f"{field}.schema", "Input should be an object")
+    return fmt["schema"]
+
+
+def _thinking(body):
+    """True (enabled or adaptive), False (disabled), or None (not said)."""
+    thinking = body.get("thinking")
+    if thinking is None:
+        return None
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if kind not in ("enabled", "adaptive", "disabled"):
+        raise invalid("thinking", "Input should be an object with 'type' one of "
+                      "enabled, adaptive, disabled")
+    return kind != "disabled"
+
+
 def parse_messages_request(raw, default_temperature=1.0):
     """Validate a request body (bytes) into a MessagesRequest or raise ApiError."""
     body = _json_object(raw)
@@ -342,8 +449,12 @@ def parse_messages_request(raw, default_temperature=1.0):
         raise invalid("metadata", "Input should be an object")
     messages = _conversation(body)
     temperature = _number(body, "temperature", 0.0, 1.0)
+    tools = _tools(body)
+    choice, parallel = _tool_choice(body, tools)
     return MessagesRequest(model=model, stream=stream, generation=GenerationRequest(
-        messages=messages, max_tokens=max_tokens, tools=_tools(body),
+        messages=messages, max_tokens=max_tokens, tools=tools,
+        tool_choice=choice, parallel_calls=parallel,
+        answer_schema=_answer_schema(body), thinking=_thinking(body),
         temperature=default_temperature if temperature is None else temperature,
         top_p=_number(body, "top_p", 0.0, 1.0),
         top_k=_integer(body, "top_k", 0),
@@ -379,11 +490,11 @@ def final_usage(finished):
                  finished.cached_tokens, finished.cache_created_tokens)
 
 
-def message_body(message_id, model, text, finished):
-    """The non-streaming response for a finished generation."""
+def message_body(message_id, model, content, finished):
+    """The non-streaming response: ``content`` is the list of blocks."""
     return {
         "id": message_id, "type": "message", "role": "assistant", "model": model,
-        "content": [{"type": "text", "text": text}],
+        "content": content or [{"type": "text", "text": ""}],
         "stop_reason": finished.stop_reason, "stop_sequence": finished.stop_sequence,
         "usage": final_usage(finished),
     }
@@ -399,28 +510,16 @@ def stream_start_events(message_id, model, input_tokens):
     message = {"id": message_id, "type": "message", "role": "assistant",
                "model": model, "content": [], "stop_reason": None,
                "stop_sequence": None, "usage": usage(input_tokens, 0)}
-    return [
-        sse_event("message_start", {"type": "message_start", "message": message}),
-        sse_event("content_block_start", {"type": "content_block_start", "index": 0,
-                                          "content_block": {"type": "text",
-                                                            "text": ""}}),
-        stream_ping_event(),
-    ]
+    return [sse_event("message_start", {"type": "message_start", "message": message}),
+            stream_ping_event()]
 
 
 def stream_ping_event():
     return sse_event("ping", {"type": "ping"})
 
 
-def stream_delta_event(text):
-    return sse_event("content_block_delta", {
-        "type": "content_block_delta", "index": 0,
-        "delta": {"type": "text_delta", "text": text}})
-
-
 def stream_end_events(finished):
     return [
-        sse_event("content_block_stop", {"type": "content_block_stop", "index": 0}),
         sse_event("message_delta", {
             "type": "message_delta",
             "delta": {"stop_reason": finished.stop_reason,
@@ -432,11 +531,120 @@ def stream_end_events(finished):
     ]
 
 
+def new_tool_use_id():
+    return "toolu_" + secrets.token_hex(12)
+
+
+def thinking_signature(thinking):
+    """An opaque signature for a thinking block. Clients must send thinking
+    back unchanged; a local model has nothing to verify, so this is a digest."""
+    return "pensieve-" + hashlib.sha256(thinking.encode()).hexdigest()
+
+
+def coalesce(messages):
+    """Merge runs of deltas of one kind, so a burst of tokens is one event."""
+    out = []
+    for msg in messages:
+        last = out[-1] if out else None
+        if isinstance(msg, (TextDelta, ThinkingDelta)) and type(last) is type(msg):
+            out[-1] = type(msg)(last.text + msg.text)
+        elif isinstance(msg, ToolInputDelta) and isinstance(last, ToolInputDelta):
+            out[-1] = ToolInputDelta(last.json + msg.json)
+        else:
+            out.append(msg)
+    return out
+
+
+class Blocks:
+    """The engine's text, thinking and tool-call events as Anthropic content
+    blocks: ``add`` returns the SSE events for one message (when ``sse``) and
+    keeps the blocks for the non-streaming answer. Sans-I/O."""
+
+    def __init__(self, sse=True):
+        self.sse = sse
+        self.content = []  # finished and open blocks, as the API shows them
+        self.kind = None  # the open block's type
+        self._thinking = []
+        self._args = []
+
+    def add(self, msg):
+        if isinstance(msg, TextDelta):
+            return self._delta("text", {"type": "text", "text": ""},
+                               {"type": "text_delta", "text": msg.text},
+                               lambda b: b.__setitem__("text", b["text"] + msg.text))
+        if isinstance(msg, ThinkingDelta):
+            self._thinking.append(msg.text)
+            return self._delta("thinking", {"type": "thinking", "thinking": "",
+                                            "signature": ""},
+                               {"type": "thinking_delta", "thinking": msg.text},
+                               lambda b: b.__setitem__("thinking",
+                                                       b["thinking"] + msg.text))
+        if isinstance(msg, ToolCallStart):
+            events = self.close()
+            block = {"type": "tool_use", "id": new_tool_use_id(), "name": msg.name,
+                     "input": {}}
+            return events + self._open("tool_use", block)
+        if isinstance(msg, ToolInputDelta):
+            self._args.append(msg.json)
+            return self._event("content_block_delta", delta={
+                "type": "input_json_delta", "partial_json": msg.json})
+        if isinstance(msg, ToolCallEnd):
+            if msg.input is not None:
+                self.content[-1]["input"] = msg.input
+            return self.close()
+        raise TypeError(f"not a content event: {msg!r}")
+
+    def close(self):
+        """End the open block (if any); returns its closing events."""
+        if self.kind is None:
+            return []
+        events = []
+        if self.kind == "thinking":
+            signature = thinking_signature("".join(self._thinking))
+            self.content[-1]["signature"] = signature
+            events += self._event("content_block_delta", delta={
+                "type": "signature_delta", "signature": signature})
+        events += self._event("content_block_stop")
+        self.kind, self._thinking, self._args = None, [], []
+        return events
+
+    def finish(self):
+        """Close the last block; an answer with no blocks gets an empty text
+        block, as clients expect at least one."""
+        events = self.close()
+        if not self.content:
+            events += self._open("text", {"type": "text", "text": ""}) + self.close()
+        return events
+
+    def _delta(self, kind, start, delta, extend):
+        events = []
+        if self.kind != kind:
+            events = self.close() + self._open(kind, start)
+        extend(self.content[-1])
+        return events + self._event("content_block_delta", delta=delta)
+
+    def _open(self, kind, block):
+        self.content.append(block)
+        self.kind = kind
+        shown = dict(block)
+        if kind in ("text", "thinking"):  # they start empty and fill by deltas
+            shown = {**block, kind: ""}
+        return self._event("content_block_start", content_block=shown)
+
+    def _event(self, name, **fields):
+        if not self.sse:
+            return []
+        return [sse_event(name, {"type": name, "index": len(self.content) - 1, **fields})]
+
+
 def stream_error_event(error_type, message, request_id):
     return sse_event("error", error_body(error_type, message, request_id))
 
 
 # === The connection loop ======================================================
+
+
+CONTENT_EVENTS = (TextDelta, ThinkingDelta, ToolCallStart, ToolInputDelta, ToolCallEnd)
 
 
 class ClientGone(Exception):
@@ -724,7 +932,8 @@ class Server:
 
             self.engine = Engine(self.config.model, cpu_weights=self.config.cpu_weights,
                                  cache_bytes=self.config.prompt_cache_bytes,
-                                 max_running=self.config.max_running)
+                                 max_running=self.config.max_running,
+                                 constrain=self.config.grammar)
         # Bind before loading, so a port in use is reported at once; accept
         # only once the model is ready (early clients wait in the backlog).
         listener = await asyncio.start_server(self._accept, self.config.host,
@@ -895,15 +1104,16 @@ class Server:
                            lambda accepted, queue: answer(http, parsed, accepted, queue))
 
     async def _complete(self, http, parsed, accepted, queue):
-        parts = []
+        blocks = Blocks(sse=False)
         while True:
             msg = await queue.get()
-            if isinstance(msg, TextDelta):
-                parts.append(msg.text)
+            if isinstance(msg, CONTENT_EVENTS):
+                blocks.add(msg)
             elif isinstance(msg, Finished):
-                body = message_body(new_message_id(), parsed.model, "".join(parts), msg)
-                _log_finished(http.request_id, msg, "".join(parts))
-                return await http.respond(200, body)
+                blocks.finish()
+                _log_finished(http.request_id, msg, blocks.content)
+                return await http.respond(200, message_body(
+                    new_message_id(), parsed.model, blocks.content, msg))
             elif isinstance(msg, _Disconnected):
                 raise ClientGone()
             else:
@@ -924,32 +1134,28 @@ class Server:
         await http.send(h11.EndOfMessage())
 
     async def _stream_events(self, http, queue):
-        sent = []  # the answer, for the debug log
+        blocks = Blocks()
         done = False
         while not done:
             # Everything that arrived since the last write goes out in one
             # write: when the engine outpaces the event loop (a fast GPU), the
             # loop catches up instead of paying per-token overhead it cannot
-            # afford. Adjacent text deltas merge into one event.
+            # afford. Adjacent deltas of one block merge into one event.
             batch = [await queue.get()]
             while not queue.empty():
                 batch.append(queue.get_nowait())
-            events, text = [], []
-            for msg in batch:
-                if isinstance(msg, TextDelta):
-                    text.append(msg.text)
-                    sent.append(msg.text)
+            events = []
+            for msg in coalesce(batch):
+                if isinstance(msg, CONTENT_EVENTS):
+                    events += blocks.add(msg)
                     continue
-                if text:
-                    events.append(stream_delta_event("".join(text)))
-                    text = []
                 if isinstance(msg, _Tick):
                     events.append(stream_ping_event())
                     continue
                 done = True
                 if isinstance(msg, Finished):
-                    _log_finished(http.request_id, msg, "".join(sent))
-                    events += stream_end_events(msg)
+                    _log_finished(http.request_id, msg, blocks.content)
+                    events += blocks.finish() + stream_end_events(msg)
                 elif isinstance(msg, _Disconnected):
                     raise ClientGone()
                 else:
@@ -958,16 +1164,14 @@ class Server:
                     events.append(stream_error_event(error.type, error.message,
                                                      http.request_id))
                 break
-            if text:
-                events.append(stream_delta_event("".join(text)))
             await http.send(h11.Data(data=b"".join(events)))
 
 
-def _log_finished(request_id, done, text):
+def _log_finished(request_id, done, content):
     log.info("%s done: %d prompt + %d output tokens, engine ttft %.1f ms, "
              "%.1f tok/s, %s", request_id, done.input_tokens, done.output_tokens,
              done.time_to_first_token * 1000, done.decode_tps, done.stop_reason)
-    log.debug("%s text: %s", request_id, json.dumps(text, ensure_ascii=False))
+    log.debug("%s content: %s", request_id, json.dumps(content, ensure_ascii=False))
 
 
 def _engine_error(failed):
@@ -1191,6 +1395,12 @@ def parse_args(argv=None):
                              "model's name or --model value); repeatable; NAME is "
                              "also listed by /v1/models [PENSIEVE_ALIASES, "
                              "comma-separated]")
+    parser.add_argument("--grammar", choices=("on", "off"),
+                        default=_env("GRAMMAR", "on"),
+                        help="decode tool calls and JSON answers under a grammar built "
+                             "from their schemas, so they always parse; off: parse "
+                             "what the model writes [PENSIEVE_GRAMMAR] "
+                             "(default %(default)s)")
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
                         choices=("debug", "info", "warning", "error"),
                         help="logging level [PENSIEVE_LOG_LEVEL] (default %(default)s)")
@@ -1214,7 +1424,8 @@ def parse_args(argv=None):
                     cpu_weights=args.cpu_weights, aliases=tuple(args.alias),
                     default_temperature=args.default_temperature,
                     prompt_cache_bytes=None if args.prompt_cache_mb is None
-                    else args.prompt_cache_mb * 1024 * 1024)
+                    else args.prompt_cache_mb * 1024 * 1024,
+                    grammar=args.grammar == "on")
     return config, args.log_level
 
 

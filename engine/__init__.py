@@ -1,14 +1,18 @@
 """Pensieve's engine: everything that touches MLX, run on one thread.
 
 ``Engine`` owns the thread; a ``GenerationRequest`` goes in and the frozen
-messages ``Accepted``, ``TextDelta``, ``Finished`` or ``Failed`` come out; a
-``CountRequest`` gets ``Counted`` (or ``Failed``). Importing this package does
-not import MLX.
+messages ``Accepted``, then ``TextDelta``, ``ThinkingDelta`` and tool-call
+events (``ToolCallStart``, ``ToolInputDelta``, ``ToolCallEnd``), then
+``Finished`` or ``Failed`` come out; a ``CountRequest`` gets ``Counted`` (or
+``Failed``). Importing this package does not import MLX.
 """
 
 from .engine import (Accepted, CountRequest, Counted, Engine, Failed, Finished,
-                     GenerationRequest, Job, TextDelta)
+                     GenerationRequest, Job)
 from .models import ModelError
+from .text import Message
+from .tools import TextDelta, ThinkingDelta, ToolCallEnd, ToolCallStart, ToolInputDelta
 
 __all__ = ["Accepted", "CountRequest", "Counted", "Engine", "Failed", "Finished",
-           "GenerationRequest", "Job", "ModelError", "TextDelta"]
+           "GenerationRequest", "Job", "Message", "ModelError", "TextDelta",
+           "ThinkingDelta", "ToolCallEnd", "ToolCallStart", "ToolInputDelta"]

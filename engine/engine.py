@@ -31,8 +31,13 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from . import grammar as grammars
 from .models import ModelError, load, physical_memory
-from .text import PromptEncoder, RenderError, StopMatcher, render_prompt
+from .text import (PromptEncoder, RenderError, StopMatcher, render_prompt,
+                   template_takes_tools)
+from .tools import (FALLBACK_FORMAT, JSON_TOOLS_FORMAT, CallFormat, OutputParser,
+                    TextDelta, ThinkingDelta, ToolCallEnd, ToolCallStart,
+                    ToolInputDelta, grammar)
 
 log = logging.getLogger("pensieve.engine")
 
@@ -64,9 +69,14 @@ IDLE_POLL_S = 0.5
 class GenerationRequest:
     """One generation, already validated by the HTTP side."""
 
-    messages: tuple  # ((role, text), ...) with role in system/user/assistant
+    messages: tuple  # Messages (engine.text), or (role, text) pairs
     max_tokens: int
     tools: tuple = ()  # Anthropic tool definitions: name, description, input_schema
+    # auto | any | none | the name of the one tool to call
+    tool_choice: str = "auto"
+    parallel_calls: bool = True
+    answer_schema: dict | None = None  # a JSON schema the text answer follows
+    thinking: bool | None = None  # ask the template to think or not; None: its default
     temperature: float = 1.0
     top_p: float | None = None
     top_k: int | None = None
@@ -91,20 +101,17 @@ class Counted:
 
 @dataclass(frozen=True)
 class Accepted:
-    """The prompt fits: its token count and the output budget after clamping."""
+    """The prompt fits: its token count and the output budget after clamping.
+    ``constrained``: the answer is decoded under a grammar."""
 
     input_tokens: int
     max_tokens: int
-
-
-@dataclass(frozen=True)
-class TextDelta:
-    text: str
+    constrained: bool = False
 
 
 @dataclass(frozen=True)
 class Finished:
-    stop_reason: str  # end_turn | max_tokens | stop_sequence
+    stop_reason: str  # end_turn | max_tokens | stop_sequence | tool_use
     stop_sequence: str | None
     input_tokens: int
     output_tokens: int
@@ -145,8 +152,10 @@ class Job:
 class _Slot:
     """A request the engine has accepted, from the line to the batch."""
 
-    def __init__(self, job, prompt, max_tokens, detokenizer):
+    def __init__(self, job, prompt, max_tokens, detokenizer, parser, constraint):
         self.job = job
+        self.parser = parser  # generated text -> text, thinking and call events
+        self.constraint = constraint  # grammar.Constraint, or None
         self.prompt = prompt  # token ids
         self.max_tokens = max_tokens
         self.accepted_at = time.perf_counter()
@@ -201,8 +210,13 @@ class Engine:
     """
 
     def __init__(self, model_spec=None, cpu_weights="float32", cache_bytes=None,
-                 max_running=DEFAULT_MAX_RUNNING, prefill_chunk=None):
+                 max_running=DEFAULT_MAX_RUNNING, prefill_chunk=None, constrain=True):
         self._spec = model_spec
+        # Grammar-constrained tool calls and JSON answers, when llguidance is
+        # installed; ``self.constrained`` says whether they are on once loaded.
+        self._constrain = constrain
+        self.constrained = False
+        self._grammars = None
         self._prefill_chunk = prefill_chunk  # None: by device, once loaded
         self._cpu_weights = cpu_weights
         self._cache_bytes = cache_bytes
@@ -279,6 +293,7 @@ class Engine:
             self._prefill_chunk = (PREFILL_CHUNK_CPU if self.model.device == "cpu"
                                    else PREFILL_CHUNK_GPU)
         self._vocab_size = len(self.model.tokenizer.vocab)  # ~20 ms: once
+        self._setup_output()
         self._encode = PromptEncoder(self.model.tokenizer)
         if not self._encode.usable:
             log.info("this tokenizer is not encoded piece by piece: each prompt is "
@@ -336,9 +351,15 @@ class Engine:
 
     def _admit(self, job):
         started = time.perf_counter()
+        request = job.request
         try:
-            prompt = render_prompt(self.model.tokenizer, job.request.messages,
-                                   job.request.tools, self._encode)
+            thinking = getattr(request, "thinking", None)
+            if isinstance(request, GenerationRequest) and self._think and (
+                    request.tool_choice not in ("auto", "none")
+                    or request.answer_schema is not None) and not thinking:
+                thinking = False  # a forced call or JSON answer: no thinking first
+            prompt = render_prompt(self.model.tokenizer, request.messages,
+                                   request.tools, self._encode, thinking)
         except RenderError as e:
             job.deliver(Failed("invalid_request", str(e)))
             return
@@ -359,11 +380,83 @@ class Engine:
                                f"{window - 1} maximum"))
             return
         max_tokens = min(job.request.max_tokens, window - len(prompt))
-        job.deliver(Accepted(len(prompt), max_tokens))
-        log.debug("job %d: %d prompt tokens, rendered and tokenized in %.1f ms", job.id,
-                  len(prompt), (time.perf_counter() - started) * 1000)
+        try:
+            parser, constraint = self._output(request, prompt, thinking)
+        except grammars.GrammarError as e:
+            job.deliver(Failed("invalid_request", f"cannot constrain the answer: {e}"))
+            return
+        except Exception as e:
+            log.exception("grammar set-up failed (job %d)", job.id)
+            job.deliver(Failed("internal", f"grammar set-up failed: {e}"))
+            return
+        job.deliver(Accepted(len(prompt), max_tokens, constraint is not None))
+        log.debug("job %d: %d prompt tokens, rendered, tokenized and constrained in "
+                  "%.1f ms", job.id, len(prompt), (time.perf_counter() - started) * 1000)
         self._waiting.append(_Slot(job, prompt, max_tokens,
-                                   self.model.tokenizer.detokenizer))
+                                   self.model.tokenizer.detokenizer, parser, constraint))
+
+    # What comes out: the call format, thinking, and the grammar.
+
+    def _setup_output(self):
+        """Learn how this model writes calls and thinks; load the grammar engine."""
+        tokenizer = self.model.tokenizer
+        self._call_format = FALLBACK_FORMAT
+        if template_takes_tools(tokenizer):
+            start = getattr(tokenizer, "tool_call_start", None)
+            parse = getattr(tokenizer, "tool_parser", None)
+            module = getattr(parse, "__module__", "") or ""
+            if start is None or module.endswith("json_tools"):
+                self._call_format = JSON_TOOLS_FORMAT
+            else:  # a format of its own: read by mlx-lm's parser, not constrained
+                self._call_format = CallFormat(open=start, close=tokenizer.tool_call_end,
+                                               parse=parse, name=module.rsplit(".", 1)[-1])
+        self._think = None
+        if getattr(tokenizer, "has_thinking", False):
+            self._think = (tokenizer.think_start, tokenizer.think_end)
+            self._think_end_tokens = tuple(tokenizer.think_end_tokens)
+        self._grammars = None
+        if not self._constrain:
+            log.info("constrained decoding is off (--grammar off): tool calls and "
+                     "JSON answers are parsed, not guaranteed")
+        elif not grammars.available():
+            log.warning("llguidance is not installed: tool calls and JSON answers are "
+                        "not constrained (pip install llguidance)")
+        else:
+            try:
+                self._grammars = grammars.Grammars(tokenizer, self._vocab_size)
+            except Exception as e:
+                log.warning("constrained decoding unavailable for this tokenizer: %s", e)
+        self.constrained = self._grammars is not None
+        log.info("tool calls: %s format, %s", self._call_format.name,
+                 "constrained by grammar" if self.constrained else "unconstrained")
+
+    def _output(self, request, prompt, thinking):
+        """The parser of this request's output and its grammar constraint (or None)."""
+        in_thinking = False
+        if self._think is not None and thinking is not False:
+            tail = self.model.tokenizer.decode(prompt[-4:])
+            in_thinking = tail.rstrip().endswith(self._think[0])
+        names = [t["name"] for t in request.tools]
+        constraint = None
+        if self._grammars is not None:
+            text = grammar(self._call_format,
+                           [(t["name"], t.get("input_schema")) for t in request.tools],
+                           request.tool_choice, request.answer_schema,
+                           request.parallel_calls,
+                           lead_space=self._think is not None and thinking is not False)
+            if text is not None:
+                arm = (self._think_end_tokens
+                       if self._think is not None and thinking is not False else None)
+                constraint = grammars.Constraint(self._grammars.matcher(text),
+                                                 self._vocab_size, arm_after=arm)
+        specs = [{"type": "function", "function": {
+            "name": t["name"], "parameters": t.get("input_schema", {})}}
+            for t in request.tools]
+        parser = OutputParser(self._call_format, names, thinking=self._think,
+                              in_thinking=in_thinking,
+                              stream_arguments=constraint is not None,
+                              calls=request.tool_choice != "none", tool_specs=specs)
+        return parser, constraint
 
     def _drop_cancelled(self):
         """Forget cancelled requests: those waiting never reach the model;
@@ -441,9 +534,10 @@ class Engine:
     def _insert(self, slot, prompt, cache, tokens, max_tokens):
         """Add ``slot`` to the batch: ``prompt`` still to read after the
         ``tokens`` its ``cache`` holds, at most ``max_tokens`` more to make."""
+        processors = [slot.constraint] if slot.constraint is not None else []
         (uid,) = self._generator.insert(
             [prompt], max_tokens=[max_tokens], caches=[cache], all_tokens=[tokens],
-            samplers=[self._sampler(slot)])
+            samplers=[self._sampler(slot)], logits_processors=[processors])
         slot.unread = len(prompt) - 1
         self._running[uid] = slot
 
@@ -460,6 +554,8 @@ class Engine:
             solo.close()
             trim_prompt_cache(solo.cache, 1)
             solo.next_input = solo.tokens.pop()
+            if slot.constraint is not None:  # it has seen that token: it sees it again
+                slot.constraint.unfeed(slot.constraint.seen - (slot.output_tokens - 1))
         if solo.next_input is None:  # still reading its prompt
             self._insert(slot, solo.unread, solo.cache, solo.tokens, slot.max_tokens)
         else:  # the batch starts by feeding the token delivered last
@@ -530,6 +626,8 @@ class Engine:
                 solo.slot.unread = len(solo.unread) - 1
                 return
             logits = model(mx.array(solo.unread)[None], cache=cache)[:, -1, :]
+            if solo.slot.constraint is not None:
+                logits = solo.slot.constraint(None, logits)
             solo.tokens += solo.unread
             solo.unread = []
             solo.slot.unread = 0
@@ -549,6 +647,8 @@ class Engine:
             solo.steps = generate_step(
                 mx.array([solo.next_input]), self.model.model, stream=self._stream,
                 prompt_cache=solo.cache, sampler=self._sampler(solo.slot),
+                logits_processors=([solo.slot.constraint]
+                                   if solo.slot.constraint is not None else None),
                 max_tokens=solo.slot.max_tokens - solo.slot.output_tokens)
             solo.tokens.append(solo.next_input)
             solo.next_input = None
@@ -637,23 +737,39 @@ class Engine:
         else:  # the common case: nothing to hold back
             text, matched = detokenizer.last_segment, None
         if text:
-            slot.job.deliver(TextDelta(text))
+            self._deliver_text(slot, text)
         if matched is not None:
-            return "stop_sequence", matched
+            return self._flush(slot, "stop_sequence", matched)
         if slot.output_tokens >= slot.max_tokens:
             return self._flush(slot, "max_tokens")
         return None
 
-    def _flush(self, slot, stop_reason):
-        """Deliver the detokenizer's and the matcher's held-back text (a stop
-        sequence may still complete in the detokenizer's last piece)."""
-        slot.detokenizer.finalize()
-        text, matched = slot.stops.feed(slot.detokenizer.last_segment)
+    def _deliver_text(self, slot, text):
+        """Text goes through the request's output parser, which sends text,
+        thinking and tool calls as they are recognised."""
+        for event in slot.parser.feed(text):
+            slot.job.deliver(event)
+
+    def _flush(self, slot, stop_reason, matched=None):
+        """Deliver the detokenizer's, the stop matcher's and the parser's
+        held-back text (a stop sequence may still complete in the
+        detokenizer's last piece). Returns (stop_reason, stop_sequence)."""
         if matched is None:
-            text += slot.stops.flush()
-        if text:
-            slot.job.deliver(TextDelta(text))
-        return ("stop_sequence", matched) if matched is not None else (stop_reason, None)
+            slot.detokenizer.finalize()
+            text, matched = slot.stops.feed(slot.detokenizer.last_segment)
+            if matched is None:
+                text += slot.stops.flush()
+            if text:
+                self._deliver_text(slot, text)
+        parser = slot.parser
+        cut_off = parser.in_call
+        for event in parser.finish():
+            slot.job.deliver(event)
+        if matched is not None:
+            return "stop_sequence", matched
+        if stop_reason == "end_turn" and parser.calls and not cut_off:
+            return "tool_use", None
+        return stop_reason, None
 
     def _finished(self, slot, stop_reason, stop_sequence, stored):
         now = time.perf_counter()

@@ -8,21 +8,46 @@ Never: runs the model. Pure given a tokenizer, so tests drive it directly.
 """
 
 import json
+from typing import NamedTuple
+
+from .tools import call_text
 
 
 class RenderError(ValueError):
     """The conversation cannot be rendered with this model's template."""
 
 
-def _plain_render(messages):
+class Message(NamedTuple):
+    """One turn of a conversation, as the engine renders it.
+
+    ``role``: system, user, assistant, or tool (a tool's result, answering
+    the call ``call_id`` to ``name``). An assistant turn may carry
+    ``thinking`` and ``calls``: ((id, name, input), ...) after its text.
+    A plain (role, text) pair is accepted wherever a Message is.
+    """
+
+    role: str
+    text: str = ""
+    calls: tuple = ()
+    thinking: str = ""
+    call_id: str | None = None
+    name: str | None = None
+    is_error: bool = False
+
+
+def _as_message(m):
+    return m if isinstance(m, Message) else Message(*m)
+
+
+def _plain_render(turns):
     # For models that ship no chat template: a readable transcript that ends
     # where the assistant should speak.
-    lines = [f"{role}: {text}" for role, text in messages]
+    lines = [f"{role}: {text}" for role, text in turns]
     return "\n\n".join(lines) + "\n\nassistant:"
 
 
-def _fold_system(messages):
-    """Fold system notes into a neighbouring user turn, in place.
+def _fold_system(dicts):
+    """Fold system notes into a neighbouring user turn.
 
     For templates that refuse a system role after the first message: a note
     is prefixed to the user turn that follows it, or, with none following,
@@ -30,19 +55,19 @@ def _fold_system(messages):
     and no turn is added (many templates insist that roles alternate).
     """
     out, pending = [], []
-    for role, text in messages:
-        if role == "system":
-            pending.append(text)
-        elif role == "user" and pending:
-            out.append((role, "\n\n".join(pending + [text])))
+    for d in dicts:
+        if d["role"] == "system":
+            pending.append(d["content"])
+        elif d["role"] == "user" and pending:
+            out.append({**d, "content": "\n\n".join(pending + [d["content"]])})
             pending = []
         else:
-            out.append((role, text))
+            out.append(d)
     if pending:
-        if out and out[-1][0] == "user":
-            out[-1] = ("user", "\n\n".join([out[-1][1], *pending]))
+        if out and out[-1]["role"] == "user":
+            out[-1] = {**out[-1], "content": "\n\n".join([out[-1]["content"], *pending])}
         else:
-            out.append(("user", "\n\n".join(pending)))
+            out.append({"role": "user", "content": "\n\n".join(pending)})
     return out
 
 
@@ -51,7 +76,8 @@ TOOLS_INTRO = (
     "inside <tools></tools>:\n<tools>\n")
 TOOLS_OUTRO = (
     "\n</tools>\nTo call a tool, answer with one line per call:\n"
-    '<tool_call>{"name": "<tool name>", "arguments": {<arguments as JSON>}}</tool_call>')
+    '<tool_call>{"name": "<tool name>", "arguments": {<arguments as JSON>}}</tool_call>\n'
+    "Each result comes back inside <tool_response></tool_response>.")
 
 
 def tools_section(tools):
@@ -64,49 +90,104 @@ def tools_section(tools):
     return TOOLS_INTRO + "\n".join(lines) + TOOLS_OUTRO
 
 
-def _template_takes_tools(tokenizer):
+def template_takes_tools(tokenizer):
     template = getattr(tokenizer, "chat_template", None)
-    return isinstance(template, str) and "tools" in template
+    return (getattr(tokenizer, "has_chat_template", False) and isinstance(template, str)
+            and "tools" in template)
 
 
-def _with_tools_section(messages, tools):
+def _with_tools_section(turns, tools):
     """Put the tools section at the end of the leading system message."""
     section = tools_section(tools)
-    if messages and messages[0][0] == "system":
-        return [("system", f"{messages[0][1]}\n\n{section}"), *messages[1:]]
-    return [("system", section), *messages]
+    if turns and turns[0][0] == "system":
+        return [("system", f"{turns[0][1]}\n\n{section}"), *turns[1:]]
+    return [("system", section), *turns]
 
 
-def render_text(tokenizer, messages, tools=()):
-    """Render ``messages`` ((role, text) pairs) as the prompt string.
+def _result_text(m):
+    return f"Error: {m.text}" if m.is_error else m.text
+
+
+def _fallback_turns(messages):
+    """Calls and results written out as text (the fallback format), as
+    (role, text) turns; results join the user turn they belong to."""
+    turns = []
+    for m in messages:
+        if m.role == "assistant":
+            calls = "\n".join(call_text(name, args) for _, name, args in m.calls)
+            turns.append(("assistant", "\n".join(p for p in (m.text, calls) if p)))
+        elif m.role == "tool":
+            turns.append(("user", f"<tool_response>\n{_result_text(m)}\n</tool_response>"))
+        else:
+            turns.append((m.role, m.text))
+    merged = []
+    for role, text in turns:
+        if merged and merged[-1][0] == role == "user":
+            merged[-1] = (role, f"{merged[-1][1]}\n{text}")
+        else:
+            merged.append((role, text))
+    return merged
+
+
+def _native_dicts(tokenizer, messages):
+    """Messages in the form templates with tool support expect."""
+    template = getattr(tokenizer, "chat_template", "") or ""
+    reasoning = "reasoning_content" in template
+    out = []
+    for m in messages:
+        if m.role == "assistant":
+            d = {"role": "assistant", "content": m.text}
+            if m.calls:
+                d["tool_calls"] = [{"id": id_, "type": "function", "function": {
+                    "name": name, "arguments": args}} for id_, name, args in m.calls]
+            if m.thinking and reasoning:
+                d["reasoning_content"] = m.thinking
+            out.append(d)
+        elif m.role == "tool":
+            out.append({"role": "tool", "content": _result_text(m),
+                        "tool_call_id": m.call_id, "name": m.name})
+        else:
+            out.append({"role": m.role, "content": m.text})
+    return out
+
+
+def render_text(tokenizer, messages, tools=(), thinking=None):
+    """Render ``messages`` (Messages or (role, text) pairs) as the prompt string.
 
     ``tools`` are Anthropic tool definitions (name, description,
     input_schema): passed to templates that take tools, otherwise described in
-    the system prompt. A trailing assistant message is a prefill: the answer
-    continues from it.
+    the system prompt, with calls and results in history written the same
+    way. ``thinking``: True/False asks a template that can think to do so or
+    not; None leaves it to the template. A trailing assistant message is a
+    prefill: the answer continues from it.
     """
-    messages = list(messages)
+    messages = [_as_message(m) for m in messages]
     prefill = ""
-    if messages and messages[-1][0] == "assistant":
-        prefill = messages.pop()[1]
+    if messages and messages[-1].role == "assistant" and not messages[-1].calls:
+        prefill = messages.pop().text
     kwargs = {}
-    if tools and getattr(tokenizer, "has_chat_template", False) \
-            and _template_takes_tools(tokenizer):
-        kwargs["tools"] = [{"type": "function", "function": {
-            "name": t["name"], "description": t.get("description", ""),
-            "parameters": t.get("input_schema", {})}} for t in tools]
-    elif tools:
-        messages = _with_tools_section(messages, tools)
-    if not getattr(tokenizer, "has_chat_template", False):
-        return _plain_render(messages) + (" " + prefill if prefill else "")
-    attempts = [messages]
-    if any(role == "system" for role, _ in messages):
-        attempts.append(_fold_system(messages))
+    if thinking is not None:
+        kwargs["enable_thinking"] = thinking
+    if template_takes_tools(tokenizer):
+        if tools:
+            kwargs["tools"] = [{"type": "function", "function": {
+                "name": t["name"], "description": t.get("description", ""),
+                "parameters": t.get("input_schema", {})}} for t in tools]
+        dicts = _native_dicts(tokenizer, messages)
+    else:
+        turns = _fallback_turns(messages)
+        if tools:
+            turns = _with_tools_section(turns, tools)
+        if not getattr(tokenizer, "has_chat_template", False):
+            return _plain_render(turns) + (" " + prefill if prefill else "")
+        dicts = [{"role": role, "content": text} for role, text in turns]
+    attempts = [dicts]
+    if any(d["role"] == "system" for d in dicts):
+        attempts.append(_fold_system(dicts))
     error = None
     for attempt in attempts:
-        dicts = [{"role": role, "content": text} for role, text in attempt]
         try:
-            text = tokenizer.apply_chat_template(dicts, add_generation_prompt=True,
+            text = tokenizer.apply_chat_template(attempt, add_generation_prompt=True,
                                                  tokenize=False, **kwargs)
         except Exception as e:  # jinja raises TemplateError and friends
             error = e
@@ -115,10 +196,10 @@ def render_text(tokenizer, messages, tools=()):
     raise RenderError(f"the model's chat template rejected the conversation: {error}")
 
 
-def render_prompt(tokenizer, messages, tools=(), encode=None):
+def render_prompt(tokenizer, messages, tools=(), encode=None, thinking=None):
     """Render ``messages`` and tokenize the result (template adds BOS itself)
     with ``encode`` (a PromptEncoder) or the tokenizer itself."""
-    text = render_text(tokenizer, messages, tools)
+    text = render_text(tokenizer, messages, tools, thinking)
     if encode is not None:
         return encode(text)
     return tokenizer.encode(text, add_special_tokens=False)

@@ -158,8 +158,8 @@ def run_claude(server, tmp_path, *args):
 
 def answers(log):
     """The text of every answer the server logged, by request id."""
-    return {rid: json.loads(text) for rid, text in
-            re.findall(r"(req_\w+) text: (.*)", log)}
+    return {rid: "".join(b.get("text", "") for b in json.loads(content)) for rid, content in
+            re.findall(r"(req_\w+) content: (.*)", log)}
 
 
 @needs_cli

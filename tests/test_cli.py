@@ -187,10 +187,11 @@ def test_launcher_starts_a_server_and_runs_claude(tmp_path, cache_dir, smollm_di
         # The CLI's request reached that server and was answered; the CLI
         # prints the answer, or, when the model ran past the 32-token cap
         # set here, says so (the CLI's own rule).
-        answered = re.findall(r"req_\w+ text: (.*)", log)
+        answered = re.findall(r"req_\w+ content: (.*)", log)
         assert answered, log
         if out.returncode == 0:
-            assert out.stdout.strip() == json.loads(answered[-1]).strip()
+            text = "".join(b.get("text", "") for b in json.loads(answered[-1]))
+            assert out.stdout.strip() == text.strip()
         else:
             assert "exceeded the 32 output token maximum" in out.stdout + out.stderr
         again = pensieve("--port", str(port), "claude", "--version", env=env)

@@ -75,7 +75,7 @@ def test_curl_stream(real_server):
                                  "messages": [{"role": "user", "content": QUESTION}]}))
     events = [line[len("event: "):] for line in out.splitlines()
               if line.startswith("event: ")]
-    assert events[:3] == ["message_start", "content_block_start", "ping"]
+    assert events[:3] == ["message_start", "ping", "content_block_start"]
     assert events[-3:] == ["content_block_stop", "message_delta", "message_stop"]
     text = "".join(json.loads(line[len("data: "):])["delta"]["text"]
                    for line in out.splitlines()

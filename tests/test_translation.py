@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from engine import Finished
+from engine import Finished, Message, TextDelta
 from engine.text import StopMatcher, _fold_system, render_text
-from pensieve import (ApiError, error_body, message_body, parse_messages_request,
-                      sse_event, stream_delta_event, stream_end_events,
-                      stream_error_event, stream_start_events)
+from pensieve import (ApiError, Blocks, error_body, message_body, parse_messages_request,
+                      sse_event, stream_end_events, stream_error_event,
+                      stream_start_events)
 
 
 def parse(**body):
@@ -31,7 +31,7 @@ def test_minimal_request_and_defaults():
     req = parse()
     assert req.model == "m" and req.stream is False
     gen = req.generation
-    assert gen.max_tokens == 10 and gen.messages == (("user", "hi"),)
+    assert gen.max_tokens == 10 and gen.messages == (Message("user", "hi"),)
     assert gen.temperature == 1.0 and gen.top_p is None and gen.top_k is None
     assert gen.stop_sequences == ()
 
@@ -45,7 +45,8 @@ def test_blocks_system_and_merging():
                           {"role": "assistant", "content": [{"type": "thinking", "thinking": "x", "signature": "s"},
                                                             {"type": "text", "text": "d"}]}])
     assert req.generation.messages == (
-        ("system", "Be brief.\n\nBe kind."), ("user", "a\n\nb\n\nc"), ("assistant", "d"))
+        Message("system", "Be brief.\n\nBe kind."), Message("user", "a\n\nb\n\nc"),
+        Message("assistant", "d", thinking="x"))
 
 
 def test_unused_fields_are_accepted():
@@ -104,7 +105,7 @@ DONE = Finished("stop_sequence", "END", 12, 5, 0.1, 10.0)
 
 
 def test_message_body_shape():
-    body = message_body("msg_1", "claude-x", "hello", DONE)
+    body = message_body("msg_1", "claude-x", [{"type": "text", "text": "hello"}], DONE)
     assert body == {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
                     "content": [{"type": "text", "text": "hello"}],
                     "stop_reason": "stop_sequence", "stop_sequence": "END",
@@ -130,11 +131,12 @@ def test_sse_event_framing_and_unicode():
 
 
 def test_stream_sequence():
+    blocks = Blocks()
     events = [decode(e) for e in stream_start_events("msg_1", "m", 7)]
-    events.append(decode(stream_delta_event("Hi")))
-    events += [decode(e) for e in stream_end_events(DONE)]
+    events += [decode(e) for e in blocks.add(TextDelta("Hi"))]
+    events += [decode(e) for e in blocks.finish() + stream_end_events(DONE)]
     names = [n for n, _ in events]
-    assert names == ["message_start", "content_block_start", "ping", "content_block_delta",
+    assert names == ["message_start", "ping", "content_block_start", "content_block_delta",
                      "content_block_stop", "message_delta", "message_stop"]
     assert all(data["type"] == name for name, data in events)
     start = events[0][1]["message"]
@@ -208,14 +210,19 @@ def test_trailing_assistant_is_a_prefill():
 
 def test_trailing_system_note_joins_the_user_turn_before_it():
     # As Claude Code sends it: the note comes after the user's message.
-    assert _fold_system([("system", "S"), ("user", "U"), ("system", "note")]) == \
+    assert fold([("system", "S"), ("user", "U"), ("system", "note")]) == \
         [("user", "S\n\nU\n\nnote")]
-    assert _fold_system([("user", "U"), ("assistant", "A"), ("system", "note")]) == \
+    assert fold([("user", "U"), ("assistant", "A"), ("system", "note")]) == \
         [("user", "U"), ("assistant", "A"), ("user", "note")]
 
 
+def fold(turns):
+    dicts = _fold_system([{"role": r, "content": t} for r, t in turns])
+    return [(d["role"], d["content"]) for d in dicts]
+
+
 def test_fold_system_keeps_order():
-    assert _fold_system([("user", "a"), ("assistant", "b"), ("system", "note"), ("user", "c")]) == \
+    assert fold([("user", "a"), ("assistant", "b"), ("system", "note"), ("user", "c")]) == \
         [("user", "a"), ("assistant", "b"), ("user", "note\n\nc")]
 
 
@@ -258,13 +265,13 @@ def test_tools_section_joins_the_leading_system_message():
     # Template() refuses system roles, so everything was folded into the user turn.
     assert text.startswith("<user>S\n\nYou can call tools.")
     assert '{"name": "Read", "description": "Read a file.", "input_schema": ' in text
-    assert text.endswith("</tool_call>\n\nU<assistant>")
+    assert text.endswith("</tool_response>.\n\nU<assistant>")
 
 
 def test_billing_line_is_dropped():
     req = parse(system=[{"type": "text", "text": "x-anthropic-billing-header: cc_version=1; cch=2;"},
                         {"type": "text", "text": "Be brief."}])
-    assert req.generation.messages[0] == ("system", "Be brief.")
+    assert req.generation.messages[0] == Message("system", "Be brief.")
 
 
 def test_inline_system_note_stays_in_place(smollm_dir):

@@ -1,0 +1,148 @@
+"""Constrained decoding: llguidance's token masks applied to MLX logits.
+
+Owns: the grammar engine's view of the tokenizer, compiled grammars (kept
+for reuse: Claude Code sends the same tools every turn), and ``Constraint``,
+the per-request logits processor that masks every token the grammar forbids.
+
+Never: decides what the grammar says (engine/tools.py does) or touches the
+server. Runs on the engine thread only, inside mlx-lm's generation loops.
+
+llguidance was chosen over xgrammar: it is one self-contained wheel with no
+dependencies (xgrammar requires torch, triton and transformers), its masks
+are computed in Rust in well under a millisecond, and its Lark dialect
+embeds JSON schemas, which is what a tool call is. It is optional: without
+it the server runs unconstrained (``available()`` says so).
+"""
+
+import logging
+from collections import OrderedDict
+
+log = logging.getLogger("pensieve.engine")
+
+# Compiled grammars kept: one per distinct (tools, tool_choice, format).
+GRAMMAR_CACHE_ENTRIES = 16
+
+
+class GrammarError(ValueError):
+    """A grammar (usually from a tool's input_schema) that cannot be compiled."""
+
+
+def available():
+    try:
+        import llguidance  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Grammars:
+    """Compiles grammars for one tokenizer and hands out fresh matchers."""
+
+    def __init__(self, tokenizer, vocab_size):
+        import llguidance
+
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise GrammarError("the tokenizer is not a fast (Rust) tokenizer")
+        self._llg = llguidance
+        self.vocab_size = vocab_size
+        self.tokenizer = llguidance.LLTokenizer(
+            backend.to_str(), n_vocab=vocab_size,
+            eos_token=sorted(tokenizer.eos_token_ids))
+        self._compiled = OrderedDict()  # grammar text -> pristine matcher
+
+    def matcher(self, text):
+        """A fresh matcher for the Lark grammar ``text``."""
+        pristine = self._compiled.get(text)
+        if pristine is None:
+            LLMatcher = self._llg.LLMatcher
+            source = LLMatcher.grammar_from_lark(text)
+            error = LLMatcher.validate_grammar(source, self.tokenizer)
+            if error and not error.startswith("WARNING"):
+                raise GrammarError(error.strip().splitlines()[0])
+            pristine = LLMatcher(self.tokenizer, source, log_level=0)
+            if pristine.is_error():
+                raise GrammarError(pristine.get_error().strip().splitlines()[0])
+            self._compiled[text] = pristine
+            while len(self._compiled) > GRAMMAR_CACHE_ENTRIES:
+                self._compiled.popitem(last=False)
+        else:
+            self._compiled.move_to_end(text)
+        return pristine.deep_copy()
+
+
+class Constraint:
+    """Masks one request's logits to the tokens its grammar allows.
+
+    Called as an mlx-lm logits processor, ``(tokens, logits) -> logits``,
+    once per generated token: from the second call on, the last of
+    ``tokens`` is the token just sampled, which the matcher consumes before
+    the next mask. The first call is for the first token of the answer.
+    ``arm_after``: token ids (a thinking block's end) before which nothing
+    is constrained.
+    """
+
+    def __init__(self, matcher, vocab_size, arm_after=None):
+        self.matcher = matcher
+        self.vocab_size = vocab_size
+        self.arm_after = tuple(arm_after) if arm_after else None
+        self.armed = self.arm_after is None
+        self.started = False  # the first mask has been made
+        self.seen = 0  # generated tokens this constraint has been shown
+        self.broken = False
+        self._recent = []
+
+    def __call__(self, tokens, logits):
+        import mlx.core as mx
+
+        if self.started:
+            # Let the model compute this step while the mask is worked out.
+            mx.async_eval(logits)
+            self.feed(int(tokens[-1].item()))
+        self.started = True
+        return self.apply(logits)
+
+    def feed(self, token):
+        self.seen += 1
+        if self.broken:
+            return
+        if not self.armed:
+            self._recent = (self._recent + [token])[-len(self.arm_after):]
+            self.armed = tuple(self._recent) == self.arm_after
+            return
+        if not self.matcher.consume_token(token):
+            self._give_up()
+
+    def unfeed(self, n):
+        """Forget the last ``n`` tokens fed (they will be fed again)."""
+        n = min(n, self.seen)
+        if n <= 0:
+            return
+        self.seen -= n
+        if self.armed and not self.broken and not self.matcher.rollback(n):
+            self._give_up()
+
+    def apply(self, logits):
+        import mlx.core as mx
+        import numpy as np
+
+        if not self.armed or self.broken:
+            return logits
+        bits = self.matcher.compute_bitmask()
+        if self.matcher.is_error():
+            self._give_up()
+            return logits
+        allowed = np.unpackbits(np.frombuffer(bits, dtype=np.uint8),
+                                bitorder="little")
+        width = logits.shape[-1]
+        if len(allowed) < width:
+            allowed = np.pad(allowed, (0, width - len(allowed)))
+        allowed = mx.array(allowed[:width].astype(np.bool_))
+        return mx.where(allowed, logits, mx.array(-float("inf"), dtype=logits.dtype))
+
+    def _give_up(self):
+        # Cannot happen with masked sampling; if it does, the answer goes on
+        # unconstrained and the parser copes with what comes.
+        log.warning("grammar matcher failed (%s); continuing unconstrained",
+                    self.matcher.get_error())
+        self.broken = True
