@@ -286,26 +286,16 @@ class Engine:
         except Exception as e:  # a bug or an MLX failure: report, do not hang
             log.exception("model load failed")
             self.load_error = ModelError(f"model load failed: {e}")
+        if self.load_error is None:
+            try:
+                self._prepare()
+            except Exception as e:
+                log.exception("engine set-up failed")
+                self.load_error = ModelError(f"engine set-up failed: {e}")
         self._loaded.set()
         if self.load_error is not None:
             return
-        if self._prefill_chunk is None:
-            self._prefill_chunk = (PREFILL_CHUNK_CPU if self.model.device == "cpu"
-                                   else PREFILL_CHUNK_GPU)
-        self._vocab_size = len(self.model.tokenizer.vocab)  # ~20 ms: once
-        self._setup_output()
-        self._encode = PromptEncoder(self.model.tokenizer)
-        if not self._encode.usable:
-            log.info("this tokenizer is not encoded piece by piece: each prompt is "
-                     "tokenized whole")
-            self._encode = None
         import mlx.core as mx
-        from mlx_lm.models.cache import LRUPromptCache
-
-        self._prompt_cache = LRUPromptCache(
-            max_size=PROMPT_CACHE_ENTRIES,
-            max_bytes=self._cache_bytes if self._cache_bytes is not None
-            else int(min(PROMPT_CACHE_MEMORY_SHARE * physical_memory(), 1 << 62)))
 
         # This thread's default stream, as mlx-lm's own server uses: mlx-lm's
         # module-level thread-local stream, used from a non-main thread,
@@ -323,6 +313,25 @@ class Engine:
                     self._advance()
         finally:
             self._generator.close()
+
+    def _prepare(self):
+        """Everything that depends on the loaded model, before serving."""
+        if self._prefill_chunk is None:
+            self._prefill_chunk = (PREFILL_CHUNK_CPU if self.model.device == "cpu"
+                                   else PREFILL_CHUNK_GPU)
+        self._vocab_size = len(self.model.tokenizer.vocab)  # ~20 ms: once
+        self._setup_output()
+        self._encode = PromptEncoder(self.model.tokenizer)
+        if not self._encode.usable:
+            log.info("this tokenizer is not encoded piece by piece: each prompt is "
+                     "tokenized whole")
+            self._encode = None
+        from mlx_lm.models.cache import LRUPromptCache
+
+        self._prompt_cache = LRUPromptCache(
+            max_size=PROMPT_CACHE_ENTRIES,
+            max_bytes=self._cache_bytes if self._cache_bytes is not None
+            else int(min(PROMPT_CACHE_MEMORY_SHARE * physical_memory(), 1 << 62)))
 
     def _new_generator(self):
         from mlx_lm.generate import BatchGenerator
@@ -354,10 +363,12 @@ class Engine:
         request = job.request
         try:
             thinking = getattr(request, "thinking", None)
-            if isinstance(request, GenerationRequest) and self._think and (
-                    request.tool_choice not in ("auto", "none")
-                    or request.answer_schema is not None) and not thinking:
-                thinking = False  # a forced call or JSON answer: no thinking first
+            if isinstance(request, GenerationRequest) and self._think:
+                # A forced call starts at once (as the API refuses thinking
+                # with it); a JSON answer thinks first only when asked to.
+                if request.tool_choice not in ("auto", "none") or (
+                        request.answer_schema is not None and not thinking):
+                    thinking = False
             prompt = render_prompt(self.model.tokenizer, request.messages,
                                    request.tools, self._encode, thinking)
         except RenderError as e:

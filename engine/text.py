@@ -42,7 +42,7 @@ def _as_message(m):
 def _plain_render(turns):
     # For models that ship no chat template: a readable transcript that ends
     # where the assistant should speak.
-    lines = [f"{role}: {text}" for role, text in turns]
+    lines = [f"{role}: {text}" for role, text, _ in turns]
     return "\n\n".join(lines) + "\n\nassistant:"
 
 
@@ -100,8 +100,8 @@ def _with_tools_section(turns, tools):
     """Put the tools section at the end of the leading system message."""
     section = tools_section(tools)
     if turns and turns[0][0] == "system":
-        return [("system", f"{turns[0][1]}\n\n{section}"), *turns[1:]]
-    return [("system", section), *turns]
+        return [("system", f"{turns[0][1]}\n\n{section}", ""), *turns[1:]]
+    return [("system", section, ""), *turns]
 
 
 def _result_text(m):
@@ -110,29 +110,35 @@ def _result_text(m):
 
 def _fallback_turns(messages):
     """Calls and results written out as text (the fallback format), as
-    (role, text) turns; results join the user turn they belong to."""
+    (role, text, thinking) turns; results join the user turn they belong to."""
     turns = []
     for m in messages:
         if m.role == "assistant":
             calls = "\n".join(call_text(name, args) for _, name, args in m.calls)
-            turns.append(("assistant", "\n".join(p for p in (m.text, calls) if p)))
+            turns.append(("assistant", "\n".join(p for p in (m.text, calls) if p),
+                          m.thinking))
         elif m.role == "tool":
-            turns.append(("user", f"<tool_response>\n{_result_text(m)}\n</tool_response>"))
+            turns.append(("user", f"<tool_response>\n{_result_text(m)}\n</tool_response>",
+                          ""))
         else:
-            turns.append((m.role, m.text))
+            turns.append((m.role, m.text, ""))
     merged = []
-    for role, text in turns:
+    for role, text, thinking in turns:
         if merged and merged[-1][0] == role == "user":
-            merged[-1] = (role, f"{merged[-1][1]}\n{text}")
+            merged[-1] = (role, f"{merged[-1][1]}\n{text}", "")
         else:
-            merged.append((role, text))
+            merged.append((role, text, thinking))
     return merged
+
+
+def _takes_reasoning(tokenizer):
+    """Whether the template renders an assistant turn's earlier thinking."""
+    return "reasoning_content" in (getattr(tokenizer, "chat_template", "") or "")
 
 
 def _native_dicts(tokenizer, messages):
     """Messages in the form templates with tool support expect."""
-    template = getattr(tokenizer, "chat_template", "") or ""
-    reasoning = "reasoning_content" in template
+    reasoning = _takes_reasoning(tokenizer)
     out = []
     for m in messages:
         if m.role == "assistant":
@@ -180,7 +186,11 @@ def render_text(tokenizer, messages, tools=(), thinking=None):
             turns = _with_tools_section(turns, tools)
         if not getattr(tokenizer, "has_chat_template", False):
             return _plain_render(turns) + (" " + prefill if prefill else "")
-        dicts = [{"role": role, "content": text} for role, text in turns]
+        reasoning = _takes_reasoning(tokenizer)
+        dicts = [{"role": role, "content": text} for role, text, _ in turns]
+        for d, (_, _, thinking) in zip(dicts, turns):
+            if thinking and reasoning:
+                d["reasoning_content"] = thinking
     attempts = [dicts]
     if any(d["role"] == "system" for d in dicts):
         attempts.append(_fold_system(dicts))

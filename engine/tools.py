@@ -196,8 +196,18 @@ class OutputParser:
             self._emit_thinking(events, self.buffer)
         elif self.state == "text":
             self._emit_text(events, self.buffer, end=True)
+        elif self.state == "head" and self.stream_arguments:
+            # Under a grammar this is surely a call: one whose head names a
+            # single tool becomes that call, cut off; otherwise it is dropped.
+            head = self.buffer.lstrip()
+            names = [n for n in self.tools if call_head(n).startswith(head)
+                     or head.startswith(call_head(n))]
+            log.info("a tool call was cut off in its head (%s)",
+                     names[0] if len(names) == 1 else "no name yet; dropped")
+            if len(names) == 1:
+                events += [ToolCallStart(names[0]), ToolCallEnd(None)]
         elif self.state in ("head", "whole"):
-            log.info("a tool call was cut off before its name; kept as text")
+            log.info("a tool call was cut off before its end; kept as text")
             self._emit_text(events, self.dropped + self.fmt.open + self.buffer, end=True)
         elif self.state in ("args", "tail"):
             if self.state == "args" and self.buffer:

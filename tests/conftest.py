@@ -45,6 +45,25 @@ def smollm_dir(cache_dir):
     return imported_dir(embedded_gguf(), cache_dir)
 
 
+def write_tiny_llama(out, vocab_size=49152, window=256):
+    """Random weights of a 2-layer llama in ``out`` (config.json, weights)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama
+
+    config = {
+        "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
+        "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5, "vocab_size": vocab_size, "rope_theta": 10000.0,
+        "max_position_embeddings": window, "tie_word_embeddings": True,
+    }
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    mx.save_safetensors(str(out / "model.safetensors"),
+                        dict(tree_flatten(model.parameters())))
+    (out / "config.json").write_text(json.dumps(config))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(smollm_dir, tmp_path_factory):
     """A 2-layer random-weight llama with SmolLM2's real tokenizer and template.
@@ -54,22 +73,8 @@ def tiny_model_dir(smollm_dir, tmp_path_factory):
     """
     import shutil
 
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.models import llama
-
     out = tmp_path_factory.mktemp("tiny-model")
-    config = {
-        "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
-        "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "rms_norm_eps": 1e-5, "vocab_size": 49152, "rope_theta": 10000.0,
-        "max_position_embeddings": 256, "tie_word_embeddings": True,
-    }
-    mx.random.seed(0)
-    model = llama.Model(llama.ModelArgs.from_dict(config))
-    mx.save_safetensors(str(out / "model.safetensors"),
-                        dict(tree_flatten(model.parameters())))
-    (out / "config.json").write_text(json.dumps(config))
+    write_tiny_llama(out)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(smollm_dir / name, out / name)
     return out

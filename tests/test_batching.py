@@ -17,7 +17,8 @@ import anthropic
 import pytest
 from conftest import API_KEY, ServerThread
 
-from engine import Accepted, Engine, Failed, Finished, GenerationRequest, TextDelta
+from engine import (Accepted, Engine, Failed, Finished, GenerationRequest, TextDelta,
+                    ToolCallEnd)
 from pensieve import Config
 
 TIMEOUT = 60  # a hang guard, not a timing assertion
@@ -196,6 +197,40 @@ def test_a_lone_request_moves_into_the_batch_and_back_without_losing_a_token(eng
     engine.step(1000)
     done = line.until("long", Finished)
     assert done.output_tokens == 60 and line.text("long") == alone
+
+
+WEATHER = {"name": "w", "input_schema": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                     "unit": {"enum": ["c", "f"]}},
+    "required": ["city", "unit"]}}
+
+
+def test_a_constrained_request_keeps_its_grammar_through_batch_moves(engines):
+    """The grammar mask follows a request from solo into the batch and back:
+    the moves re-feed a token, which the grammar must not see twice."""
+    engine = engines(SteppedEngine)
+    call = greedy(max_tokens=40, tools=(WEATHER,), tool_choice="w", parallel_calls=False)
+    free = start_free(engines)
+    alone = Timeline()
+    alone.submit(free, "alone", call)
+    assert alone.until("alone", Accepted).constrained
+    alone.until("alone", Finished)
+    line = Timeline()
+    line.submit(engine, "call", call)
+    line.until("call", Accepted)
+    engine.step(10)
+    wait_for(lambda: engine._solo is not None and engine._solo.slot.output_tokens >= 4)
+    line.submit(engine, "other", greedy("Tell me about dogs", max_tokens=4))
+    engine.step()
+    wait_for(lambda: engine._solo is None and engine.stats()["running"] == 2)
+    engine.step(10)
+    line.until("other", Finished)
+    wait_for(lambda: engine._solo is not None)
+    engine.step(1000)
+    done = line.until("call", Finished)
+    assert line.of("call")[1:] == alone.of("alone")[1:-1] + [done]
+    end = [m for m in line.of("call") if isinstance(m, ToolCallEnd)]
+    assert done.stop_reason == "tool_use" and end[0].input["unit"] in ("c", "f")
 
 
 def wait_for(predicate):

@@ -353,3 +353,34 @@ def test_prompt_encoder_equals_whole_encoding_and_encodes_only_new_pieces(smollm
             assert 0 < sum(map(len, encoded)) < len(text) / 20
         messages += [("assistant", f"Answer {turn}: ok ü 😀"),
                      ("user", f"total {turn}\n-rw-r--r-- 1 dev dev  1203 README.md\n")]
+
+
+WEATHER = {"name": "w", "input_schema": {"type": "object",
+                                         "properties": {"city": {"type": "string"}},
+                                         "required": ["city"]}}
+
+
+def test_without_llguidance_the_engine_runs_unconstrained_and_says_so(
+        tiny_model_dir, monkeypatch, caplog):
+    import engine.grammar
+
+    monkeypatch.setattr(engine.grammar, "available", lambda: False)
+    caplog.set_level("INFO", logger="pensieve.engine")
+    unconstrained = Engine(str(tiny_model_dir), cpu_weights="stored")
+    unconstrained.start()
+    try:
+        unconstrained.wait_loaded(120)
+        assert not unconstrained.constrained
+        assert "llguidance is not installed" in caplog.text
+        _, msgs = run(unconstrained, greedy(tools=(WEATHER,), tool_choice="any"))
+        assert msgs[0].constrained is False and isinstance(msgs[-1], Finished)
+    finally:
+        unconstrained.stop(10)
+
+
+def test_a_schema_the_grammar_cannot_take_is_a_400(engine):
+    bad = {"name": "w", "input_schema": {"type": "object",
+                                         "properties": {"x": {"type": "nonsense"}}}}
+    _, msgs = run(engine, greedy(tools=(bad,), tool_choice="any"))
+    assert isinstance(msgs[-1], Failed) and msgs[-1].kind == "invalid_request"
+    assert "cannot constrain" in msgs[-1].message

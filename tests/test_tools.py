@@ -141,10 +141,17 @@ def test_call_cut_off_in_or_after_its_arguments_ends_with_no_input():
         [ToolCallStart("bash"), ToolInputDelta('{"command": "ls"}'), ToolCallEnd(None)], 0)
 
 
-@pytest.mark.parametrize("text", ["Hi\n<tool_call>", 'Hi\n<tool_call>{"name": "ba',
-                                  '<tool_call> {"name": "bash", "argu'])
-def test_call_cut_off_before_its_name_is_text(text):
-    assert parse(text) == ([TextDelta(text.lstrip())], 0)
+@pytest.mark.parametrize("text, events", [
+    ("Hi\n<tool_call>", [TextDelta("Hi")]),  # no name yet: dropped
+    ('Hi\n<tool_call>{"name": "ba', [TextDelta("Hi"), ToolCallStart("bash"),
+                                     ToolCallEnd(None)]),
+    ('<tool_call> {"name": "bash", "argu', [ToolCallStart("bash"), ToolCallEnd(None)]),
+])
+def test_call_cut_off_in_its_head(text, events):
+    # Streamed (under a grammar) it is surely a call: cut off, if it has a name.
+    assert parse(text) == (events, 0)
+    # Checked whole (no grammar), it is text.
+    assert parse(text, stream_arguments=False) == ([TextDelta(text.lstrip())], 0)
 
 
 @pytest.mark.parametrize("body, stream", [
