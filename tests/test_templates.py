@@ -1,10 +1,12 @@
-"""Reasoning models: thinking blocks in and out, through the real engine.
+"""Templates other than SmolLM2's: reasoning, and tools of their own.
 
 A tiny random model gets SmolLM2's tokenizer plus ``<think>``/``</think>``
 tokens and a Qwen3-style template of our own: its generation prompt opens
-the thinking block (``<think>\\n``), or, with thinking disabled, writes an
+the thinking block (``<think>\n``), or, with thinking disabled, writes an
 empty one, so the answer starts after it. A random model never closes its
 thinking by chance, so with thinking on its whole answer is thinking.
+Another gets a template that takes tools and writes calls the way mlx-lm's
+"json_tools" parser reads them (``<tool_call>\n{...}\n</tool_call>``).
 """
 
 import json
@@ -103,3 +105,79 @@ def test_thinking_in_history_is_rendered_for_the_template(client, thinking_model
     assert "<think>\nRayleigh scattering.\n</think>\n\nScattering.<|im_end|>" in text
     # And the server takes that history.
     assert client.messages.create(model="m", max_tokens=3, messages=history).content
+
+
+# --- A template with tools of its own (mlx-lm reads its calls as "json_tools") -------
+
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system" + NL + "<tools>{% for t in tools %}" + NL
+    + "{{ t | tojson }}{% endfor %}" + NL + "</tools><|im_end|>" + NL + "{% endif %}"
+    + "{% for m in messages %}{% if m.role == 'tool' %}<|im_start|>user" + NL
+    + "<tool_response>" + NL + "{{ m.content }}" + NL + "</tool_response><|im_end|>" + NL
+    + "{% else %}<|im_start|>{{ m.role }}" + NL + "{{ m.content }}"
+    + "{% for tool_call in m.tool_calls or [] %}{% set tool_call = tool_call.function %}"
+    + "<tool_call>" + NL + '{"name": "{{ tool_call.name }}", "arguments": '
+    + "{{ tool_call.arguments | tojson }}}" + NL + "</tool_call>{% endfor %}<|im_end|>" + NL
+    + "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant" + NL
+    + "{% endif %}")
+
+WEATHER = {"name": "weather", "description": "The weather in a city.",
+           "input_schema": {"type": "object", "required": ["city", "unit"], "properties": {
+               "city": {"type": "string", "maxLength": 20},
+               "unit": {"enum": ["c", "f"]}}}}
+
+
+@pytest.fixture(scope="module")
+def tools_model_dir(smollm_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tools-model")
+    write_tiny_llama(out, window=1024)
+    shutil.copy(smollm_dir / "tokenizer.json", out)
+    config = json.loads((smollm_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = TOOLS_TEMPLATE
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_a_template_with_tools_renders_and_constrains_its_own_format(tools_model_dir):
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    from engine.text import render_text
+    from pensieve import parse_messages_request
+
+    srv = ServerThread(Config(host="127.0.0.1", port=0, model=str(tools_model_dir),
+                              cpu_weights="stored", default_temperature=0.0)).start()
+    try:
+        client = anthropic.Anthropic(base_url=srv.url, api_key=API_KEY, max_retries=0)
+        history = [{"role": "user", "content": "Weather in Oslo?"}]
+        first = client.messages.create(
+            model="m", max_tokens=60, tools=[WEATHER], messages=history,
+            tool_choice={"type": "tool", "name": "weather",
+                         "disable_parallel_tool_use": True})
+        assert first.stop_reason == "tool_use", first
+        (call,) = first.content
+        assert call.input["unit"] in ("c", "f") and len(call.input["city"]) <= 20
+        history += [{"role": "assistant", "content": [call.model_dump()]},
+                    {"role": "user", "content": [{"type": "tool_result",
+                                                  "tool_use_id": call.id,
+                                                  "content": "rain"}]}]
+        assert client.messages.create(model="m", max_tokens=4, tools=[WEATHER],
+                                      messages=history).content
+    finally:
+        srv.stop()
+    # The template got the tools and the call in its own form, and the first
+    # turn's prompt is a prefix of the second's.
+    tokenizer = load_tokenizer(tools_model_dir)
+    assert tokenizer.tool_call_start == "<tool_call>"  # mlx-lm knows this format
+
+    def render(messages):
+        gen = parse_messages_request(json.dumps(
+            {"model": "m", "max_tokens": 5, "tools": [WEATHER],
+             "messages": messages}).encode()).generation
+        return render_text(tokenizer, gen.messages, gen.tools)
+
+    one, two = render(history[:1]), render(history)
+    assert two.startswith(one) and '"name": "weather"' in one.split("<|im_start|>user")[0]
+    arguments = json.dumps(call.input, ensure_ascii=False)
+    assert ('<tool_call>\n{"name": "weather", "arguments": ' + arguments
+            + '}\n</tool_call>') in two
+    assert "<tool_response>\nrain\n</tool_response>" in two
