@@ -43,8 +43,6 @@ def thinking_model_dir(smollm_dir, tmp_path_factory):
     config["chat_template"] = TEMPLATE
     config.pop("added_tokens_decoder", None)
     (out / "tokenizer_config.json").write_text(json.dumps(config))
-    shutil.copy(smollm_dir / "special_tokens_map.json", out) \
-        if (smollm_dir / "special_tokens_map.json").exists() else None
     return out
 
 
