@@ -540,7 +540,10 @@ class Engine:
         req = slot.job.request
         # top_k beyond the vocabulary means "no limit" (argpartition would fail).
         top_k = req.top_k if req.top_k and req.top_k < self._vocab_size else 0
-        return _sampler(req.temperature, req.top_p or 0.0, top_k)
+        sampler = _sampler(req.temperature, req.top_p or 0.0, top_k)
+        if slot.constraint is not None:
+            return slot.constraint.sampler(sampler)
+        return sampler
 
     def _insert(self, slot, prompt, cache, tokens, max_tokens):
         """Add ``slot`` to the batch: ``prompt`` still to read after the
@@ -584,6 +587,8 @@ class Engine:
         if batch is None or pending is None or list(batch.uids) != [uid]:
             return
         token = int(pending[0].item())  # sampled, not yet fed nor delivered
+        if self._running[uid].constraint is not None:
+            self._running[uid].constraint.unfeed(0)  # the next one reads it anew
         cache, tokens = self._generator.remove([uid], return_prompt_caches=True)[uid]
         slot = self._running.pop(uid)
         self._solo = _Solo(slot, cache, list(tokens), [], token)

@@ -90,15 +90,28 @@ class Constraint:
         self.started = False  # the first mask has been made
         self.seen = 0  # generated tokens this constraint has been shown
         self.broken = False
+        self.sampled = None  # what the sampler drew last, not yet fed
         self._recent = []
 
-    def __call__(self, tokens, logits):
-        import mlx.core as mx
+    def sampler(self, base):
+        """``base`` sampler, remembering what it sampled: the next call reads
+        the token from that array, already scheduled by the generation loop.
+        Reading it from ``tokens`` instead queues new work behind this step's
+        model call and waits for that too (on an H100, 1B model: 257-277
+        tok/s that way, 381-405 this way, 354-382 unconstrained)."""
+        def sample(logprobs):
+            self.sampled = base(logprobs)
+            return self.sampled
 
+        return sample
+
+    def __call__(self, tokens, logits):
         if self.started:
-            # Let the model compute this step while the mask is worked out.
-            mx.async_eval(logits)
-            self.feed(int(tokens[-1].item()))
+            # No mx.async_eval(logits) first: on CUDA the wait below would then
+            # wait for this step's model call as well (measured: 30% slower).
+            last = tokens[-1] if self.sampled is None else self.sampled
+            self.sampled = None
+            self.feed(int(last.reshape(-1)[0].item()))
         self.started = True
         return self.apply(logits)
 
@@ -115,6 +128,7 @@ class Constraint:
 
     def unfeed(self, n):
         """Forget the last ``n`` tokens fed (they will be fed again)."""
+        self.sampled = None
         n = min(n, self.seen)
         if n <= 0:
             return
@@ -132,8 +146,10 @@ class Constraint:
         if self.matcher.is_error():
             self._give_up()
             return logits
-        allowed = np.unpackbits(np.frombuffer(bits, dtype=np.uint8),
-                                bitorder="little")
+        words = np.frombuffer(bits, dtype=np.uint8)
+        if words.min() == 0xFF and len(words) * 8 >= logits.shape[-1]:
+            return logits  # free text: every token allowed, nothing to mask
+        allowed = np.unpackbits(words, bitorder="little")
         width = logits.shape[-1]
         if len(allowed) < width:
             allowed = np.pad(allowed, (0, width - len(allowed)))
