@@ -129,8 +129,9 @@ def use_openblas():
     would otherwise bind to (measured: same speed as LD_PRELOAD). Returns a
     description such as "OpenBLAS, 1 thread", or None.
     """
+    global _openblas
     if sys.platform != "linux" or "mlx.core" in sys.modules:
-        return None
+        return _openblas  # what an earlier call loaded, if any
     for path in OPENBLAS_PATHS:
         if os.path.exists(path):
             try:
@@ -140,8 +141,12 @@ def use_openblas():
             # OpenBLAS's default, one thread per core, measured fastest on 2
             # cores (bench/RESULTS.md); OPENBLAS_NUM_THREADS overrides it.
             threads = lib.openblas_get_num_threads()
-            return f"OpenBLAS, {threads} thread{'s' if threads > 1 else ''}"
+            _openblas = f"OpenBLAS, {threads} thread{'s' if threads > 1 else ''}"
+            return _openblas
     return None
+
+
+_openblas = None  # use_openblas's result once it has loaded OpenBLAS
 
 
 def _device_name(mx):

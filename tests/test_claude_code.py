@@ -10,12 +10,20 @@ request (beyond the 8k window) with Anthropic's exact wording.
 
 import copy
 import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import threading
 from pathlib import Path
 
 import anthropic
 import pytest
 
-from conftest import API_KEY
+import engine
+import pensieve
+from conftest import API_KEY, ROOT, FakeJob, PensieveProcess, ServerThread
 
 CAPTURES = Path(__file__).parent / "captures" / "claude-2.1.197"
 FITTING = ["bare-title", "bare-main", "tools-main"]
@@ -116,15 +124,6 @@ def test_probe_is_answered(real_server):
 
 # --- The real CLI against the real server ------------------------------------------
 
-import os  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-
-from conftest import ROOT, PensieveProcess  # noqa: E402
-
-import pensieve  # noqa: E402
-
 CLAUDE = shutil.which("claude", path=str(ROOT / ".claude-cli" / "node_modules" / ".bin")) \
     or shutil.which("claude")
 needs_cli = pytest.mark.skipif(CLAUDE is None, reason="Claude Code CLI not installed "
@@ -141,17 +140,18 @@ def greedy_server(cache_dir, smollm_dir):
     server.stop()
 
 
-def run_claude(server, tmp_path, *args):
+def run_claude(server, tmp_path, *args, cwd=None, max_output=1024):
     env = {**os.environ, **pensieve.claude_env(pensieve.Config(port=server.port)),
            "CLAUDE_CONFIG_DIR": str(tmp_path / "claude-config"),
            # The CLI gives up (exit 1) on answers past this cap; the prompts
            # here get short greedy answers, and the cap leaves room should the
            # date or folder in the CLI's prompt lengthen them.
-           "CLAUDE_CODE_MAX_OUTPUT_TOKENS": "1024"}
-    # A fixed working directory: the CLI puts it in its prompt, and the greedy
-    # answer should not depend on pytest's numbered temporary folders.
-    cwd = Path("/tmp/pensieve-claude-e2e")
-    cwd.mkdir(exist_ok=True)
+           "CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(max_output)}
+    if cwd is None:
+        # A fixed working directory: the CLI puts it in its prompt, and the
+        # greedy answer should not depend on pytest's numbered temporary folders.
+        cwd = Path("/tmp/pensieve-claude-e2e")
+        cwd.mkdir(exist_ok=True)
     return subprocess.run([CLAUDE, *args], env=env, cwd=cwd, capture_output=True,
                           text=True, stdin=subprocess.DEVNULL, timeout=600)
 
@@ -199,3 +199,84 @@ def urlopen(url):
     import urllib.request
 
     return urllib.request.urlopen(url, timeout=30)
+
+
+# --- A tool round trip: the CLI runs our tool_use, the real model reads the result ---
+
+
+class BashFirstEngine:
+    """The real engine, except that a request offering tools whose conversation
+    holds no tool result yet is answered with one scripted call, Bash ``ls``:
+    the embedded 135M model never decides to call a tool by itself. Records
+    every GenerationRequest with the messages delivered for it."""
+
+    CALL = [engine.ToolCallStart("Bash"), engine.ToolInputDelta('{"command"'),
+            engine.ToolInputDelta(': "ls'), engine.ToolInputDelta('"}'),
+            engine.ToolCallEnd({"command": "ls"})]
+
+    def __init__(self, real):
+        self.real = real
+        self.seen = []  # (GenerationRequest, [messages delivered for it])
+
+    def __getattr__(self, name):  # start, wait_loaded, stop, stats, model, ...
+        return getattr(self.real, name)
+
+    def submit(self, request, deliver):
+        if not isinstance(request, engine.GenerationRequest):
+            return self.real.submit(request, deliver)  # token counts
+        sent = []
+        self.seen.append((request, sent))
+
+        def record(msg):
+            sent.append(msg)
+            deliver(msg)
+
+        if not request.tools or any(m.role == "tool" for m in request.messages):
+            return self.real.submit(request, record)
+        job = FakeJob(request)
+        script = [engine.Accepted(1000, request.max_tokens), *self.CALL,
+                  engine.Finished("tool_use", None, 1000, 12, 0.01, 10.0)]
+        threading.Thread(target=lambda: [record(m) for m in script], daemon=True).start()
+        return job
+
+
+@needs_cli
+def test_cli_runs_our_tool_call_and_the_model_answers_its_result(smollm_dir, tmp_path,
+                                                                 caplog):
+    caplog.set_level(logging.DEBUG, logger="pensieve")
+    wrapper = BashFirstEngine(engine.Engine(str(smollm_dir)))
+    server = ServerThread(pensieve.Config(host="127.0.0.1", port=0, model=str(smollm_dir),
+                                          default_temperature=0.0), engine=wrapper).start()
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "pensieve-marker.txt").write_text("marker\n")
+    try:
+        out = run_claude(server, tmp_path, "-p", "List the files here.", "--bare",
+                         "--tools", "Bash,Read", "--allowedTools", "Bash,Read",
+                         cwd=work, max_output=64)
+    finally:
+        server.stop()
+    output = out.stdout + out.stderr
+    assert out.returncode == 0 or (out.returncode == 1 and "exceeded the 64 output "
+                                   "token maximum" in output), output
+    # The CLI took our streamed call, ran ls here and sent its output back,
+    # answering the id the server gave the call.
+    given = [b["id"] for content in re.findall(r"req_\w+ content: (.*)", caplog.text)
+             for b in json.loads(content) if b["type"] == "tool_use"]
+    assert len(given) == 1 and given[0].startswith("toolu_")
+    answered = [(r, sent) for r, sent in wrapper.seen
+                if any(m.role == "tool" for m in r.messages)]
+    assert answered, [r.messages for r, _ in wrapper.seen]
+    request, sent = answered[-1]
+    call = next(m for m in request.messages if m.role == "assistant" and m.calls)
+    assert call.calls == ((given[0], "Bash", {"command": "ls"}),)
+    result = next(m for m in request.messages if m.role == "tool")
+    assert result.call_id == given[0] and result.name == "Bash" and not result.is_error
+    assert "pensieve-marker.txt" in result.text
+    # The real model answered it, and the stream ran to its end.
+    assert isinstance(sent[0], engine.Accepted) and isinstance(sent[-1], engine.Finished)
+    assert all(isinstance(m, pensieve.CONTENT_EVENTS) for m in sent[1:-1])
+    assert "stream failed" not in caplog.text and "Traceback" not in caplog.text
+    if out.returncode == 0:
+        text = "".join(m.text for m in sent if isinstance(m, engine.TextDelta))
+        assert out.stdout.strip() == text.strip()
