@@ -322,3 +322,24 @@ def test_answer_grammar_takes_json_dumps_output_only(accepts):
     assert not accepts(g, json.dumps({"m": 1}))
     assert not accepts(g, '{"n":1}')  # compact separators
     assert not accepts(g, "n is 1")
+
+
+def test_a_format_of_its_own_is_read_whole_by_mlx_lms_parser():
+    """Formats mlx-lm knows but that are not JSON (here Qwen3-Coder's) are not
+    streamed or constrained: each call is read whole by mlx-lm's parser."""
+    from mlx_lm.tool_parsers import qwen3_coder
+
+    fmt = CallFormat(parse=qwen3_coder.parse_tool_call, name="qwen3_coder")
+    specs = [{"type": "function", "function": {"name": "bash", "parameters": {
+        "type": "object", "properties": {"command": {"type": "string"},
+                                         "timeout": {"type": "integer"}}}}}]
+    call = ("<tool_call>\n<function=bash>\n<parameter=command>\nls -la\n</parameter>\n"
+            "<parameter=timeout>\n5\n</parameter>\n</function>\n</tool_call>")
+    events, calls = parse("Listing.\n" + call, fmt=fmt, tool_specs=specs)
+    assert calls == 1 and events[0] == TextDelta("Listing.")
+    assert events[1:] == [ToolCallStart("bash"),
+                          ToolInputDelta('{"command": "ls -la", "timeout": 5}'),
+                          ToolCallEnd({"command": "ls -la", "timeout": 5})]
+    # Not a call of that format: text.
+    events, calls = parse("<tool_call>oops</tool_call>", fmt=fmt, tool_specs=specs)
+    assert calls == 0 and [type(e) for e in events] == [TextDelta]
