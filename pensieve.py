@@ -216,6 +216,11 @@ def _result_text(content, field):
         raise invalid(field, "Input should be a valid string or list of blocks")
     parts = []
     for i, block in enumerate(content):
+        if isinstance(block, dict) and block.get("type") in MEDIA_BLOCKS:
+            # A tool may return an image (Claude Code's Read on a picture): the
+            # session goes on, and the model learns what it could not see.
+            parts.append(f"[{block['type']} omitted: this model reads text only]")
+            continue
         kind = _block_kind(block, f"{field}.{i}")
         if kind != "text":
             raise invalid(f"{field}.{i}", f"unsupported content block type '{kind}' "

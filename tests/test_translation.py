@@ -302,3 +302,46 @@ def test_templates_that_take_tools_get_them_as_functions():
     assert template.tools == [{"type": "function", "function": {
         "name": "Read", "description": "Read a file.",
         "parameters": TOOLS[0]["input_schema"]}}]
+
+
+def test_tool_blocks_become_calls_and_results():
+    req = parse(messages=[
+        {"role": "user", "content": "List files."},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "ls", "signature": "s"},
+            {"type": "text", "text": "Sure."},
+            {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {"command": "ls"}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True,
+             "content": [{"type": "text", "text": "denied"},
+                         {"type": "image", "source": {"type": "base64", "data": "x"}}]},
+            {"type": "text", "text": "Try again."}]}])
+    assert req.generation.messages[1:] == (
+        Message("assistant", "Sure.", calls=(("toolu_1", "Bash", {"command": "ls"}),),
+                thinking="ls"),
+        Message("tool", "denied\n\n[image omitted: this model reads text only]",
+                call_id="toolu_1", name="Bash", is_error=True),
+        Message("user", "Try again."))
+
+
+@pytest.mark.parametrize("extra, field", [
+    ({"tool_choice": {"type": "sometimes"}}, "tool_choice"),
+    ({"tool_choice": {"type": "any"}}, "tool_choice"),
+    ({"tools": [{"name": "t", "input_schema": {}}],
+      "tool_choice": {"type": "tool", "name": "u"}}, "tool_choice.name"),
+    ({"tools": [{"name": "t", "input_schema": {}}],
+      "tool_choice": {"type": "auto", "disable_parallel_tool_use": "yes"}},
+     "tool_choice.disable_parallel_tool_use"),
+    ({"output_config": {"format": {"type": "json_schema"}}}, "output_config.format.schema"),
+    ({"output_config": {"format": {"type": "regex"}}}, "output_config.format"),
+    ({"thinking": {"type": "maybe"}}, "thinking"),
+    ({"messages": [{"role": "assistant", "content": [
+        {"type": "tool_use", "id": "toolu_1", "name": "t", "input": []}]}]},
+     "messages.0.content.0.input"),
+    ({"messages": [{"role": "user", "content": [
+        {"type": "tool_result", "content": "x"}]}]}, "messages.0.content.0.tool_use_id"),
+])
+def test_tool_fields_are_checked(extra, field):
+    with pytest.raises(ApiError) as e:
+        parse(**extra)
+    assert e.value.status == 400 and field in e.value.message
