@@ -85,26 +85,38 @@ def http_once(port, tokens):
             "tokens": output_tokens}
 
 
-def start_server(spec, log, extra=()):
+def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = [sys.executable, str(ROOT / "pensieve.py"), "--port", str(port),
-            "--api-key", KEY, *(["--model", spec] if spec else []), *extra]
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    deadline = time.monotonic() + 300
+        return s.getsockname()[1]
+
+
+def wait_ready(proc, port, path, log, name="server", timeout=300, poll=0.2):
+    """Wait until ``GET path`` on ``port`` answers 200; raise if ``proc``
+    (``name``, its output in ``log``) exits or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
     while True:
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", "/health")
+            conn.request("GET", path)
             ok = conn.getresponse().status == 200
             conn.close()
             if ok:
-                return proc, port
+                return
         except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"server did not start; see {log.name}")
-            time.sleep(0.2)
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError(f"{name} did not start; see {log.name}")
+        time.sleep(poll)
+
+
+def start_server(spec, log, extra=()):
+    port = free_port()
+    args = [sys.executable, str(ROOT / "pensieve.py"), "--port", str(port),
+            "--api-key", KEY, *(["--model", spec] if spec else []), *extra]
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    wait_ready(proc, port, "/health", log)
+    return proc, port
 
 
 def stop_server(proc, log):

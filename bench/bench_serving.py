@@ -29,7 +29,6 @@ import os
 import platform
 import secrets
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,8 +41,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_decode import (KEY, PROMPT, local_once, publish, start_server,  # noqa: E402
-                          stop_server)
+from bench_decode import (KEY, PROMPT, free_port, local_once, publish,  # noqa: E402
+                          start_server, stop_server, wait_ready)
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
 
@@ -136,12 +135,6 @@ def concurrent(call, port, n, tokens):
 # --- Servers -----------------------------------------------------------------------
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_peer(model_dir, log, cpu):
     port = free_port()
     env = dict(os.environ)
@@ -150,20 +143,8 @@ def start_peer(model_dir, log, cpu):
     proc = subprocess.Popen([sys.executable, "-m", "mlx_lm.server", "--model",
                              str(model_dir), "--port", str(port), "--log-level",
                              "WARNING"], stdout=log, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 600
-    while True:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", "/v1/models")
-            ok = conn.getresponse().status == 200
-            conn.close()
-            if ok:
-                return proc, port
-        except OSError:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise RuntimeError(f"mlx_lm.server did not start; see {log.name}")
-        time.sleep(0.5)
+    wait_ready(proc, port, "/v1/models", log, "mlx_lm.server", timeout=600, poll=0.5)
+    return proc, port
 
 
 def peer_model_dir(loaded, location, out):
