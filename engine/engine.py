@@ -443,8 +443,9 @@ class Engine:
 
     def _output(self, request, prompt, thinking):
         """The parser of this request's output and its grammar constraint (or None)."""
+        may_think = self._think is not None and thinking is not False
         in_thinking = False
-        if self._think is not None and thinking is not False:
+        if may_think:
             tail = self.model.tokenizer.decode(prompt[-4:])
             in_thinking = tail.rstrip().endswith(self._think[0])
         names = [t["name"] for t in request.tools]
@@ -453,13 +454,12 @@ class Engine:
             text = grammar(self._call_format,
                            [(t["name"], t.get("input_schema")) for t in request.tools],
                            request.tool_choice, request.answer_schema,
-                           request.parallel_calls,
-                           lead_space=self._think is not None and thinking is not False)
+                           request.parallel_calls, lead_space=may_think)
             if text is not None:
-                arm = (self._think_end_tokens
-                       if self._think is not None and thinking is not False else None)
-                constraint = grammars.Constraint(self._grammars.matcher(text),
-                                                 self._vocab_size, arm_after=arm)
+                # A thinking block comes first, unconstrained.
+                constraint = grammars.Constraint(
+                    self._grammars.matcher(text), self._vocab_size,
+                    arm_after=self._think_end_tokens if may_think else None)
         specs = [{"type": "function", "function": {
             "name": t["name"], "parameters": t.get("input_schema", {})}}
             for t in request.tools]

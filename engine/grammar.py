@@ -111,7 +111,7 @@ class Constraint:
             # wait for this step's model call as well (measured: 30% slower).
             last = tokens[-1] if self.sampled is None else self.sampled
             self.sampled = None
-            self.feed(int(last.reshape(-1)[0].item()))
+            self.feed(int(last.item()))  # a one-element array
         self.started = True
         return self.apply(logits)
 
