@@ -17,6 +17,9 @@ import pytest
 from conftest import API_KEY, PensieveProcess
 
 SAMPLES = 20
+# Room for the longest answer the schemas allow, at one token per character
+# and a \uXXXX escape for each: a sampled string may run to its maxLength.
+ROOM = 600
 
 SCHEMAS = {
     "nested_object": {
@@ -79,7 +82,7 @@ def streamed_call(client, name, choice):
     """One forced call, streamed: the final message and the raw JSON pieces."""
     pieces = []
     with client.messages.stream(
-            model="m", max_tokens=200, tools=[tool(name)], extra_body={"temperature": 1.0},
+            model="m", max_tokens=ROOM, tools=[tool(name)], extra_body={"temperature": 1.0},
             tool_choice={**choice, "disable_parallel_tool_use": True},
             messages=[{"role": "user", "content": PROMPTS[name]}]) as stream:
         for event in stream:
@@ -169,7 +172,7 @@ def test_structured_answer_follows_its_schema(client):
               "required": ["title"], "additionalProperties": False}
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda _: client.messages.create(
-            model="m", max_tokens=60,
+            model="m", max_tokens=ROOM,
             messages=[{"role": "user", "content": "Title this chat: a trip to Rome."}],
             extra_body={"temperature": 1.0, "output_config": {"format": {
                 "type": "json_schema", "schema": schema}}}), range(4)))
