@@ -21,6 +21,8 @@ import argparse
 import asyncio
 import hashlib
 import hmac
+import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -60,8 +62,34 @@ RETRY_AFTER_S = 2
 # pool timeouts of common clients (httpx keeps 5 s, Node 5 s) so the client,
 # not the server, decides when to drop a pooled connection.
 KEEPALIVE_TIMEOUT_S = 75
-# A request head or body that stalls for this long is abandoned.
+# A request head or body that stalls (no byte) for this long is abandoned.
 READ_TIMEOUT_S = 30
+# A request head must be complete this long after its first byte, however
+# steadily it trickles in (slowloris); the connection is then closed.
+HEAD_TIMEOUT_S = 30
+# The same for a whole request body (32 MiB take well under a second on
+# loopback); a late body is answered 408.
+BODY_TIMEOUT_S = 120
+# A client that reads nothing of its answer for this long (its socket buffer
+# and ours full) loses the request: the engine job is cancelled, the socket
+# dropped. What waits in between is bounded by this time, not by the client.
+WRITE_TIMEOUT_S = 30
+# Open connections. At the cap, the longest-idle keep-alive connection is
+# closed to make room; when none is idle, new ones get a 503 and are closed.
+DEFAULT_MAX_CONNECTIONS = 256
+# After SIGTERM/SIGINT (or stop()), running requests get this long to finish
+# before they are ended with an error event; a second signal ends them at once.
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30
+# What a request may ask for. Far beyond any real use (Claude Code asks for at
+# most 64k output tokens), low enough that no count overflows downstream.
+MAX_TOKENS_LIMIT = 1_000_000
+MAX_TOP_K = 1_000_000
+MAX_STOP_SEQUENCES = 64
+MAX_STOP_SEQUENCE_CHARS = 1000
+# Request JSON nested deeper than this is refused (Claude Code's tool schemas
+# go about 10 deep); deeper trees would exhaust the recursion of json.dumps,
+# the chat template and the grammar compiler.
+MAX_JSON_DEPTH = 100
 # After answering a request whose body was not read (a 401, a 413), read and
 # discard up to this much so the client sees the answer, not a reset.
 DRAIN_LIMIT_BYTES = 1024 * 1024
@@ -101,6 +129,43 @@ class Config:
     prompt_cache_bytes: int | None = None
     # Decode tool calls and JSON answers under a grammar (needs llguidance).
     grammar: bool = True
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+    # Host header values accepted besides loopback names and the bound
+    # address ("*": any). Anything else is refused: DNS rebinding defence.
+    allowed_hosts: tuple = ()
+    # Browser origins ("https://app.example", or "*") allowed to call the API
+    # with CORS; none by default, so no web page can drive the server.
+    cors_origins: tuple = ()
+
+
+class ConfigError(ValueError):
+    """The configuration is unsafe or inconsistent; the server does not start."""
+
+
+def is_loopback(host):
+    """Whether ``host`` (a name or address, IPv6 with or without brackets)
+    only reaches this machine."""
+    host = host.strip().strip("[]").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_config(config):
+    """Refuse what would expose the server: raise ConfigError."""
+    if not is_loopback(config.host) and config.api_key == DEFAULT_API_KEY:
+        raise ConfigError(
+            f"refusing to listen on {config.host or 'all addresses'} with the default "
+            "API key, which anyone can read in the docs; set --api-key (or "
+            "PENSIEVE_API_KEY) to a secret of your own")
+    if config.max_connections < 1:
+        raise ConfigError("max_connections must be at least 1")
+    if config.shutdown_timeout < 0:
+        raise ConfigError("shutdown_timeout must not be negative")
 
 
 # === Errors ===================================================================
@@ -108,25 +173,31 @@ class Config:
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
     408: "invalid_request_error",
     413: "request_too_large",
+    415: "invalid_request_error",
     431: "request_too_large",
     500: "api_error",
+    501: "invalid_request_error",
+    503: "overloaded_error",
     529: "overloaded_error",
 }
 
 
 class ApiError(Exception):
-    """An error answered to the client in Anthropic's shape."""
+    """An error answered to the client in Anthropic's shape; ``close``: then
+    close the connection (the request's framing or origin is not trusted)."""
 
-    def __init__(self, status, message, headers=()):
+    def __init__(self, status, message, headers=(), close=False):
         super().__init__(message)
         self.status = status
         self.type = ERROR_TYPES.get(status, "api_error")
         self.message = message
         self.headers = tuple(headers)
+        self.close = close
 
 
 def invalid(field, message):
@@ -178,7 +249,7 @@ def _number(body, field, low, high):
     return float(value)
 
 
-def _integer(body, field, low, required=False):
+def _integer(body, field, low, high, required=False):
     value = body.get(field)
     if value is None:
         if required:
@@ -188,6 +259,8 @@ def _integer(body, field, low, required=False):
         raise invalid(field, "Input should be a valid integer")
     if value < low:
         raise invalid(field, f"Input should be greater than or equal to {low}")
+    if value > high:
+        raise invalid(field, f"Input should be less than or equal to {high}")
     return value
 
 
@@ -216,12 +289,12 @@ def _result_text(content, field):
         raise invalid(field, "Input should be a valid string or list of blocks")
     parts = []
     for i, block in enumerate(content):
-        if isinstance(block, dict) and block.get("type") in MEDIA_BLOCKS:
+        kind = _block_kind(block, f"{field}.{i}")
+        if kind in MEDIA_BLOCKS:
             # A tool may return an image (Claude Code's Read on a picture): the
             # session goes on, and the model learns what it could not see.
-            parts.append(f"[{block['type']} omitted: this model reads text only]")
+            parts.append(f"[{kind} omitted: this model reads text only]")
             continue
-        kind = _block_kind(block, f"{field}.{i}")
         if kind != "text":
             raise invalid(f"{field}.{i}", f"unsupported content block type '{kind}' "
                                           "in a tool result")
@@ -320,13 +393,61 @@ def _system(body):
     return "\n\n".join(parts)
 
 
+def _no_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _check_tree(value, escaped_surrogates):
+    """Refuse JSON nested deeper than MAX_JSON_DEPTH and, where the text had
+    \\uD800-style escapes, strings holding an unpaired surrogate (not text:
+    the tokenizer cannot encode them). Iterative, so depth costs no stack."""
+    stack = [(value, 1, None)]
+    while stack:
+        item, depth, path = stack.pop()
+        if depth > MAX_JSON_DEPTH and isinstance(item, (dict, list)):
+            raise invalid(_path(path), f"nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if escaped_surrogates:
+                    _check_text(key, (path, key))
+                stack.append((child, depth + 1, (path, key)))
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1, (path, i)) for i, child in enumerate(item))
+        elif escaped_surrogates and isinstance(item, str):
+            _check_text(item, path)
+
+
+def _check_text(text, path):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid(_path(path), "string holds an unpaired surrogate escape, "
+                                   "which is not text") from None
+
+
+def _path(path):
+    """("messages", 0, "content") as linked pairs -> "messages.0.content"."""
+    parts = []
+    while path is not None:
+        path, key = path
+        parts.append(str(key))
+    return ".".join(reversed(parts))
+
+
 def _json_object(raw):
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as e:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise invalid("", f"request body is not UTF-8: {e.reason} at byte "
+                          f"{e.start}") from None
+    try:
+        body = json.loads(text, parse_constant=_no_constant)
+    except ValueError as e:
         raise invalid("", f"request body is not valid JSON: {e}") from None
     except RecursionError:
-        raise invalid("", "request body is nested too deeply") from None
+        raise invalid("", f"request body is nested deeper than {MAX_JSON_DEPTH} "
+                          "levels") from None
+    _check_tree(body, "\\ud" in text or "\\uD" in text)
     if not isinstance(body, dict):
         raise invalid("", "request body should be a JSON object")
     model = body.get("model")
@@ -443,10 +564,15 @@ def parse_messages_request(raw, default_temperature=1.0):
     """Validate a request body (bytes) into a MessagesRequest or raise ApiError."""
     body = _json_object(raw)
     model = body["model"]
-    max_tokens = _integer(body, "max_tokens", 1, required=True)
+    max_tokens = _integer(body, "max_tokens", 1, MAX_TOKENS_LIMIT, required=True)
     stops = body.get("stop_sequences") or []
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
         raise invalid("stop_sequences", "Input should be a list of non-empty strings")
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise invalid("stop_sequences", f"at most {MAX_STOP_SEQUENCES} are allowed")
+    if any(len(s) > MAX_STOP_SEQUENCE_CHARS for s in stops):
+        raise invalid("stop_sequences", f"each may be at most "
+                                        f"{MAX_STOP_SEQUENCE_CHARS} characters long")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise invalid("stream", "Input should be a valid boolean")
@@ -462,7 +588,7 @@ def parse_messages_request(raw, default_temperature=1.0):
         answer_schema=_answer_schema(body), thinking=_thinking(body),
         temperature=default_temperature if temperature is None else temperature,
         top_p=_number(body, "top_p", 0.0, 1.0),
-        top_k=_integer(body, "top_k", 0),
+        top_k=_integer(body, "top_k", 0, MAX_TOP_K),
         stop_sequences=tuple(dict.fromkeys(stops)),
         cache_hint=_asks_for_caching(body)))
 
@@ -547,17 +673,22 @@ def thinking_signature(thinking):
 
 
 def coalesce(messages):
-    """Merge runs of deltas of one kind, so a burst of tokens is one event."""
+    """Merge runs of deltas of one kind, so a burst of tokens is one event.
+    Joined once per run: a long backlog (a slow reader) costs linear time."""
     out = []
-    for msg in messages:
-        last = out[-1] if out else None
-        if isinstance(msg, (TextDelta, ThinkingDelta)) and type(last) is type(msg):
-            out[-1] = type(msg)(last.text + msg.text)
-        elif isinstance(msg, ToolInputDelta) and isinstance(last, ToolInputDelta):
-            out[-1] = ToolInputDelta(last.json + msg.json)
+    for kind, run in itertools.groupby(messages, key=_delta_kind):
+        run = list(run)
+        if kind is None or len(run) == 1:
+            out += run
+        elif kind is ToolInputDelta:
+            out.append(ToolInputDelta("".join(m.json for m in run)))
         else:
-            out.append(msg)
+            out.append(kind("".join(m.text for m in run)))
     return out
+
+
+def _delta_kind(msg):
+    return type(msg) if isinstance(msg, (TextDelta, ThinkingDelta, ToolInputDelta)) else None
 
 
 class Blocks:
@@ -662,6 +793,11 @@ class _Disconnected:
 
 
 @dataclass(frozen=True)
+class _Shutdown:
+    """Put on a request's queue when shutdown's drain deadline has passed."""
+
+
+@dataclass(frozen=True)
 class _Tick:
     """Put on a streaming request's queue every PING_INTERVAL_S: send a ping."""
 
@@ -695,11 +831,19 @@ class HttpConnection:
         self.conn = h11.Connection(h11.SERVER,
                                    max_incomplete_event_size=MAX_HEAD_BYTES)
         self.request_id = None
+        self.method = None  # of the request being answered
+        # Waiting for the first byte of a request: closing now loses nothing.
+        self.idle = False
+        self.idle_since = time.monotonic()
+        # The queue of the request in the engine, while there is one.
+        self.queue = None
+        self.cors = []  # headers for an allowed browser origin
 
     # I/O helpers: every byte in or out goes through these two.
 
-    async def next_event(self, timeout=None):
-        timeout = READ_TIMEOUT_S if timeout is None else timeout
+    async def next_event(self, deadline=None):
+        """The next h11 event; TimeoutError if a read stalls for READ_TIMEOUT_S
+        or the event is not complete by ``deadline`` (monotonic)."""
         while True:
             event = self.conn.next_event()
             if event is not h11.NEED_DATA:
@@ -707,9 +851,13 @@ class HttpConnection:
             if self.conn.they_are_waiting_for_100_continue:
                 await self.send(h11.InformationalResponse(status_code=100,
                                                           headers=[]))
+            wait = READ_TIMEOUT_S
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    raise asyncio.TimeoutError()
             try:
-                data = await asyncio.wait_for(self.reader.read(READ_CHUNK_BYTES),
-                                              timeout)
+                data = await asyncio.wait_for(self.reader.read(READ_CHUNK_BYTES), wait)
             except asyncio.TimeoutError:
                 # Listed first: from Python 3.11 it is the builtin TimeoutError,
                 # a subclass of OSError, and the caller decides what a stall means.
@@ -724,7 +872,13 @@ class HttpConnection:
             return
         try:
             self.writer.write(data)
-            await self.writer.drain()
+            await asyncio.wait_for(self.writer.drain(), WRITE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            self.conn.send_failed()
+            self.writer.transport.abort()
+            log.info("%s client read nothing for %g s; request dropped",
+                     self.request_id, WRITE_TIMEOUT_S)
+            raise ClientGone() from None
         except (ConnectionError, OSError) as e:
             self.conn.send_failed()
             raise ClientGone() from e
@@ -732,8 +886,9 @@ class HttpConnection:
     async def respond(self, status, body=None, headers=(), head=False):
         """Send a complete JSON response; ``head``: headers only, as for HEAD."""
         payload = b"" if body is None else json.dumps(body).encode()
-        hdrs = [(b"content-type", b"application/json"), *headers,
-                (b"content-length", str(len(payload)).encode())]
+        hdrs = [*headers] if status == 204 else [
+            (b"content-type", b"application/json"), *headers,
+            (b"content-length", str(len(payload)).encode())]
         await self.send(h11.Response(status_code=status, headers=self.headers(hdrs),
                                      reason=reason_phrase(status)))
         if payload and not head:
@@ -742,30 +897,38 @@ class HttpConnection:
 
     async def respond_error(self, error):
         headers = list(error.headers)
-        if self.conn.their_state is not h11.DONE:
+        if error.close or self.conn.their_state is not h11.DONE:
             headers.append((b"connection", b"close"))
         log.info("%s %d %s", self.request_id, error.status, error.message)
         await self.respond(error.status,
                            error_body(error.type, error.message, self.request_id),
-                           headers)
+                           headers, head=self.method == b"HEAD")
 
     def headers(self, extra):
-        return [(b"server", SERVER_HEADER),
-                (b"request-id", (self.request_id or "").encode()), *extra]
+        out = [(b"server", SERVER_HEADER),
+               (b"request-id", (self.request_id or "").encode()), *self.cors, *extra]
+        if self.server.draining and (b"connection", b"close") not in out:
+            out.append((b"connection", b"close"))
+        return out
+
+    def interrupt(self):
+        """Shutdown's deadline passed: end the running request with an error."""
+        if self.queue is not None:
+            self.queue.put_nowait(_Shutdown())
+            return True
+        return False
 
     # The loop.
 
     async def serve(self):
         try:
             while True:
-                idle = self.conn.their_state is h11.IDLE
                 try:
-                    event = await self.next_event(
-                        KEEPALIVE_TIMEOUT_S if idle else READ_TIMEOUT_S)
+                    event = await self._next_request()
                 except h11.RemoteProtocolError as e:
                     await self._answer_bad_request(e)
                     return
-                except asyncio.TimeoutError:
+                except asyncio.TimeoutError:  # idle too long, or a trickled head
                     return
                 if isinstance(event, h11.Request):
                     await self.handle(event)
@@ -778,7 +941,7 @@ class HttpConnection:
                     # rest so the client reads our answer, then close.
                     await self._drain()
                     return
-                if self.conn.our_state is h11.MUST_CLOSE:
+                if self.conn.our_state is h11.MUST_CLOSE or self.server.draining:
                     return
                 self.conn.start_next_cycle()
         except ClientGone:
@@ -792,6 +955,23 @@ class HttpConnection:
                     pass
         finally:
             self.writer.close()
+
+    async def _next_request(self):
+        """Wait up to KEEPALIVE_TIMEOUT_S for a request to begin, then up to
+        HEAD_TIMEOUT_S for the rest of its head."""
+        if not self.conn.trailing_data[0]:  # no pipelined bytes already here
+            self.idle, self.idle_since = True, time.monotonic()
+            try:
+                data = await asyncio.wait_for(self.reader.read(READ_CHUNK_BYTES),
+                                              KEEPALIVE_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                raise
+            except (ConnectionError, OSError) as e:
+                raise ClientGone() from e
+            finally:
+                self.idle = False
+            self.conn.receive_data(data)
+        return await self.next_event(deadline=time.monotonic() + HEAD_TIMEOUT_S)
 
     async def _answer_bad_request(self, error):
         self.request_id = self.request_id or new_request_id()
@@ -824,6 +1004,8 @@ class HttpConnection:
 
     async def handle(self, request):
         self.request_id = new_request_id()
+        self.method = request.method
+        self.cors = []
         started = time.perf_counter()
         method = request.method.decode("ascii", "replace")
         target = request.target.decode("ascii", "replace")
@@ -833,6 +1015,12 @@ class HttpConnection:
             # in a single read is measured here.
             if sum(len(k) + len(v) for k, v in request.headers) > MAX_HEAD_BYTES:
                 raise ApiError(431, f"request head exceeds {MAX_HEAD_BYTES} bytes")
+            if (_header(request, b"transfer-encoding") is not None
+                    and _header(request, b"content-length") is not None):
+                # h11 lets Transfer-Encoding win; a proxy in front might not.
+                raise ApiError(400, "request has both Content-Length and "
+                                    "Transfer-Encoding", close=True)
+            self.server.check_origin(self, request)
             if not _has_body(request):
                 # Take the (empty) body now, so every answer, errors included,
                 # leaves the connection ready for the next request.
@@ -844,7 +1032,8 @@ class HttpConnection:
             await self._answer_bad_request(e)
         except asyncio.TimeoutError:  # the body stalled
             await self.respond_error(ApiError(
-                408, f"request body not received within {READ_TIMEOUT_S} s"))
+                408, f"request body not received in time (a pause over "
+                     f"{READ_TIMEOUT_S} s, or over {BODY_TIMEOUT_S} s in all)"))
         log.debug("%s %s %s %.1f ms", self.request_id, method, target,
                   (time.perf_counter() - started) * 1000)
 
@@ -853,11 +1042,12 @@ class HttpConnection:
         if self.conn.their_state is not h11.SEND_BODY:
             return b""
         length = _header(request, b"content-length")
-        if length is not None and int(length) > MAX_BODY_BYTES:
+        if length is not None and int(length.split(",")[0]) > MAX_BODY_BYTES:
             raise ApiError(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
         chunks, size = [], 0
+        deadline = time.monotonic() + BODY_TIMEOUT_S
         while True:
-            event = await self.next_event()
+            event = await self.next_event(deadline=deadline)
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > MAX_BODY_BYTES:
@@ -884,6 +1074,48 @@ class HttpConnection:
         except (ConnectionError, OSError):
             pass
         queue.put_nowait(_Disconnected())
+
+
+def _host_name(value):
+    """The name in a Host header ("[::1]:7777" -> "::1"), or None if malformed."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, bracket, port = value[1:].partition("]")
+        if not bracket or (port and not (port[0] == ":" and port[1:].isdigit())):
+            return None
+        return name
+    name, colon, port = value.partition(":")
+    if colon and not port.isdigit():
+        return None
+    return name.rstrip(".") or None
+
+
+async def _refuse(writer, status, message):
+    """Answer a connection we will not serve, without reading its request."""
+    request_id = new_request_id()
+    payload = json.dumps(error_body(ERROR_TYPES[status], message, request_id)).encode()
+    head = (f"HTTP/1.1 {status} {reason_phrase(status).decode()}\r\n"
+            f"server: {SERVER_HEADER.decode()}\r\nrequest-id: {request_id}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(payload)}\r\n"
+            f"retry-after: {RETRY_AFTER_S}\r\nconnection: close\r\n\r\n")
+    log.info("%s %d %s", request_id, status, message)
+    try:
+        writer.write(head.encode() + payload)
+        await asyncio.wait_for(writer.drain(), DRAIN_TIMEOUT_S)
+    except (asyncio.TimeoutError, ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
+
+
+def _json_content_type(request):
+    value = _header(request, b"content-type")
+    kind = (value or "").split(";", 1)[0].strip().lower()
+    if kind != "application/json":
+        # Browsers send form and text/plain bodies cross-site without asking;
+        # requiring JSON makes every such request a preflighted one.
+        raise ApiError(415, f"content-type must be application/json, not "
+                            f"{value or 'missing'}")
 
 
 # === The server ===============================================================
@@ -914,9 +1146,11 @@ class Server:
         self.engine = engine
         self.started = asyncio.Event()  # set once listening
         self.port = None
+        self.draining = False  # stop() was called: finish what runs, take nothing new
         self._stopping = asyncio.Event()
+        self._hurry = asyncio.Event()  # stop() called again: do not wait
         self._loop = None
-        self._connections = set()
+        self._connections = {}  # task -> HttpConnection
         self._model = None
         self._started_at = None
         # Routing: the path alone decides (Claude Code appends ?beta=true).
@@ -929,8 +1163,12 @@ class Server:
             "/v1/models/": {"GET": self.model_info},  # a prefix: /v1/models/{id}
         }
         self._aliases = dict(self.config.aliases)
+        self._hosts = {h.strip().strip("[]").rstrip(".").lower()
+                       for h in (self.config.host, *self.config.allowed_hosts)}
+        self._origins = {o.rstrip("/").lower() for o in self.config.cors_origins}
 
     async def serve(self):
+        check_config(self.config)
         self._loop = asyncio.get_running_loop()
         if self.engine is None:
             from engine import Engine
@@ -947,42 +1185,126 @@ class Server:
         self.engine.start()
         try:
             async with listener:
-                self._model = await self._loop.run_in_executor(
-                    None, self.engine.wait_loaded)
+                loading = self._loop.run_in_executor(None, self.engine.wait_loaded)
+                stopping = asyncio.ensure_future(self._stopping.wait())
+                await asyncio.wait([loading, stopping],
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if not loading.done():  # stopped while loading: do not serve
+                    log.info("stopped before the model finished loading")
+                    loading.add_done_callback(lambda f: f.exception())
+                    return
+                self._model = loading.result()
                 await listener.start_serving()
                 self._started_at = time.time()
                 log.info("listening on http://%s:%d (model %s, %s, context %d)",
                          self.config.host, self.port, self._model.name,
                          self._model.device, self._model.context_window)
                 self.started.set()
-                await self._stopping.wait()
+                await stopping
                 # Close connections inside the block: from Python 3.12 leaving
                 # it waits for every connection, idle keep-alive ones included.
                 listener.close()
-                for task in list(self._connections):
-                    task.cancel()
-                await asyncio.gather(*self._connections, return_exceptions=True)
+                await self._shut_down()
         finally:
             # Joining the engine thread blocks: keep it off the event loop,
             # which may be an embedding application's.
             await self._loop.run_in_executor(None, self.engine.stop, 5)
 
+    async def _shut_down(self):
+        """Let running requests finish for up to shutdown_timeout, then end
+        them with an error (a second stop() ends them at once)."""
+        self.draining = True
+        for task, http in list(self._connections.items()):
+            if http.idle:
+                task.cancel()
+        deadline = self._loop.time() + self.config.shutdown_timeout
+        if self._connections:
+            log.info("shutting down: waiting up to %g s for %d open connection(s)",
+                     self.config.shutdown_timeout, len(self._connections))
+        hurry = asyncio.ensure_future(self._hurry.wait())
+        try:
+            while self._connections and not self._hurry.is_set():
+                left = deadline - self._loop.time()
+                if left <= 0:
+                    break
+                await asyncio.wait([*self._connections, hurry], timeout=left,
+                                   return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hurry.cancel()
+        # Running requests end with an error event / a 503 they can read; the
+        # rest (reading a request, idle) are cancelled.
+        ending = [t for t, http in self._connections.items() if http.interrupt()]
+        for task in self._connections:
+            if task not in ending:
+                task.cancel()
+        if ending:
+            log.info("shutting down: ending %d running request(s)", len(ending))
+            await asyncio.wait(ending, timeout=DRAIN_TIMEOUT_S)
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+
     def stop(self):
-        """Ask ``serve()`` to return; safe to call from any thread, even early."""
+        """Ask ``serve()`` to return after a graceful drain; a second call ends
+        running requests at once. Safe to call from any thread, even early."""
         if self._loop is None:
-            self._stopping.set()
-        else:
-            self._loop.call_soon_threadsafe(self._stopping.set)
+            self._stop_now()
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._stop_now)
+        except RuntimeError:  # the loop has closed: serve() has long returned
+            pass
+
+    def _stop_now(self):
+        if self._stopping.is_set():
+            self._hurry.set()
+        self._stopping.set()
 
     async def _accept(self, reader, writer):
         task = asyncio.current_task()
-        self._connections.add(task)
+        if len(self._connections) >= self.config.max_connections:
+            self._close_an_idle_connection()
+        if len(self._connections) >= self.config.max_connections:
+            await _refuse(writer, 503, f"too many open connections (the limit is "
+                                       f"{self.config.max_connections}); retry shortly")
+            return
+        http = HttpConnection(self, reader, writer)
+        self._connections[task] = http
         try:
-            await HttpConnection(self, reader, writer).serve()
+            await http.serve()
         except asyncio.CancelledError:
             writer.close()
         finally:
-            self._connections.discard(task)
+            self._connections.pop(task, None)
+
+    def _close_an_idle_connection(self):
+        idle = [(http.idle_since, task) for task, http in self._connections.items()
+                if http.idle]
+        if idle:
+            _, task = min(idle, key=lambda pair: pair[0])
+            del self._connections[task]
+            task.cancel()
+
+    # Checks on every request, before routing: where it comes from.
+
+    def check_origin(self, http, request):
+        """Refuse DNS-rebinding (Host) and cross-site browser (Origin) requests;
+        set CORS headers for an allowed origin."""
+        host = _header(request, b"host")
+        name = _host_name(host) if host is not None else None
+        if not (name is not None and (is_loopback(name) or name in self._hosts
+                                      or "*" in self._hosts)):
+            raise ApiError(403, f"Host {host!r} is not allowed: use a loopback "
+                                "address, or allow the name with --allowed-host",
+                           close=True)
+        origin = _header(request, b"origin")
+        if origin is None:
+            return
+        if origin.rstrip("/").lower() not in self._origins and "*" not in self._origins:
+            raise ApiError(403, f"browser origin {origin!r} is not allowed; allow it "
+                                "with --cors-origin", close=True)
+        http.cors = [(b"access-control-allow-origin", origin.encode("latin-1")),
+                     (b"vary", b"origin")]
 
     # Routes.
 
@@ -991,6 +1313,12 @@ class Server:
         methods = self._routes.get(key)
         if methods is None:
             raise ApiError(404, f"no route for {path}")
+        if method == "OPTIONS" and http.cors:  # a CORS preflight from an allowed origin
+            wanted = _header(request, b"access-control-request-headers") or ""
+            return await http.respond(204, headers=[
+                (b"access-control-allow-methods", ", ".join(methods).encode()),
+                (b"access-control-allow-headers", wanted.encode("latin-1")),
+                (b"access-control-max-age", b"600")])
         handler = methods.get(method)
         if handler is None:
             allowed = ", ".join(methods)
@@ -1055,6 +1383,7 @@ class Server:
 
     async def count_tokens(self, http, request):
         self._require_key(request)
+        _json_content_type(request)
         model, count = parse_count_request(await http.read_body(request))
         self._check_model(model)
         result = await self._submit(http, count)
@@ -1074,16 +1403,18 @@ class Server:
 
         job = self.engine.submit(request, deliver)
         watcher = asyncio.create_task(http.watch_disconnect(queue))
+        http.queue = queue
         try:
             first = await queue.get()
             if isinstance(first, _Disconnected):
                 raise ClientGone()
-            if isinstance(first, Failed):
-                raise _engine_error(first)
+            if isinstance(first, (Failed, _Shutdown)):
+                raise _engine_error(first, http.request_id)
             if handle is not None:
                 await handle(first, queue)
             return first
         finally:
+            http.queue = None
             job.cancel()
             watcher.cancel()
             # Wait for the watcher to leave reader.read(): the connection loop
@@ -1092,6 +1423,7 @@ class Server:
 
     async def messages(self, http, request):
         self._require_key(request)
+        _json_content_type(request)
         parsed = parse_messages_request(await http.read_body(request),
                                         self.config.default_temperature)
         self._check_model(parsed.model)
@@ -1121,8 +1453,8 @@ class Server:
                     new_message_id(), parsed.model, blocks.content, msg))
             elif isinstance(msg, _Disconnected):
                 raise ClientGone()
-            else:
-                raise _engine_error(msg)
+            elif not isinstance(msg, _Tick):
+                raise _engine_error(msg, http.request_id)
 
     async def _stream(self, http, parsed, accepted, queue):
         await http.send(h11.Response(status_code=200, reason=b"OK", headers=http.headers([
@@ -1164,7 +1496,7 @@ class Server:
                 elif isinstance(msg, _Disconnected):
                     raise ClientGone()
                 else:
-                    error = _engine_error(msg)
+                    error = _engine_error(msg, http.request_id)
                     log.warning("%s stream failed: %s", http.request_id, error.message)
                     events.append(stream_error_event(error.type, error.message,
                                                      http.request_id))
@@ -1179,9 +1511,17 @@ def _log_finished(request_id, done, content):
     log.debug("%s content: %s", request_id, json.dumps(content, ensure_ascii=False))
 
 
-def _engine_error(failed):
-    status = 400 if failed.kind == "invalid_request" else 500
-    return ApiError(status, failed.message)
+def _engine_error(failed, request_id):
+    """The ApiError for a Failed (or _Shutdown) engine message. An internal
+    failure's message (an exception's text) goes to the log, not the client."""
+    if isinstance(failed, _Shutdown):
+        return ApiError(503, "the server is shutting down; retry shortly",
+                        [(b"retry-after", str(RETRY_AFTER_S).encode())])
+    if failed.kind == "invalid_request":
+        return ApiError(400, failed.message)
+    log.error("%s engine failure: %s", request_id, failed.message)
+    return ApiError(500, f"internal error while generating; the server log has "
+                         f"the details under {request_id}")
 
 
 # === Claude Code set-up =======================================================
@@ -1334,6 +1674,7 @@ _port = _in_range(int, 0, 65535, "port")
 _non_negative = _in_range(int, 0, float("inf"), "non-negative integer")
 _positive = _in_range(int, 1, float("inf"), "positive integer")
 _temperature = _in_range(float, 0.0, 1.0, "temperature (0 to 1)")
+_seconds = _in_range(float, 0.0, 24 * 3600.0, "seconds")
 
 
 def _alias(text):
@@ -1406,6 +1747,27 @@ def parse_args(argv=None):
                              "from their schemas, so they always parse; off: parse "
                              "what the model writes [PENSIEVE_GRAMMAR] "
                              "(default %(default)s)")
+    parser.add_argument("--max-connections", type=_positive,
+                        default=_env("MAX_CONNECTIONS", str(DEFAULT_MAX_CONNECTIONS)),
+                        help="open connections; at the limit idle keep-alive ones "
+                             "are closed, then new ones refused with 503 "
+                             "[PENSIEVE_MAX_CONNECTIONS] (default %(default)s)")
+    parser.add_argument("--shutdown-timeout", type=_seconds,
+                        default=_env("SHUTDOWN_TIMEOUT", str(DEFAULT_SHUTDOWN_TIMEOUT_S)),
+                        help="seconds running requests get to finish after SIGTERM or "
+                             "SIGINT before they are ended (a second signal ends "
+                             "them at once) [PENSIEVE_SHUTDOWN_TIMEOUT] "
+                             "(default %(default)s)")
+    parser.add_argument("--allowed-host", action="append", metavar="NAME",
+                        help="a Host header name accepted besides loopback ones and "
+                             "the --host address (\"*\": any); others get 403, which "
+                             "stops DNS rebinding; repeatable [PENSIEVE_ALLOWED_HOSTS, "
+                             "comma-separated]")
+    parser.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                        help="a browser origin (https://app.example, or \"*\") "
+                             "allowed to call the API, with CORS headers; requests "
+                             "from other origins get 403; repeatable "
+                             "[PENSIEVE_CORS_ORIGINS, comma-separated] (default: none)")
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
                         choices=("debug", "info", "warning", "error"),
                         help="logging level [PENSIEVE_LOG_LEVEL] (default %(default)s)")
@@ -1417,6 +1779,10 @@ def parse_args(argv=None):
         except ValueError as e:
             parser.error(f"argument --alias: invalid {_alias.__name__} value: "
                          f"'{e}' (from PENSIEVE_ALIASES)")
+    for dest, name in (("allowed_host", "ALLOWED_HOSTS"), ("cors_origin", "CORS_ORIGINS")):
+        if getattr(args, dest) is None:
+            setattr(args, dest, [v.strip() for v in (_env(name) or "").split(",")
+                                 if v.strip()])
     # argparse checks choices on flags, not on defaults from the environment.
     for action in parser._actions:
         value = getattr(args, action.dest, None)
@@ -1430,7 +1796,11 @@ def parse_args(argv=None):
                     default_temperature=args.default_temperature,
                     prompt_cache_bytes=None if args.prompt_cache_mb is None
                     else args.prompt_cache_mb * 1024 * 1024,
-                    grammar=args.grammar == "on")
+                    grammar=args.grammar == "on",
+                    max_connections=args.max_connections,
+                    shutdown_timeout=args.shutdown_timeout,
+                    allowed_hosts=tuple(args.allowed_host),
+                    cors_origins=tuple(args.cors_origin))
     return config, args.log_level
 
 
@@ -1458,6 +1828,11 @@ def main(argv=None):
         print(f"pensieve: {e}", file=sys.stderr)
         return 2
     config, level = parse_args(argv)
+    try:
+        check_config(config)
+    except ConfigError as e:
+        print(f"pensieve: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from engine import ModelError

@@ -355,7 +355,9 @@ class Engine:
             if job is None or self._stopping:
                 return
             block = False
-            if not job.cancelled:
+            if job.cancelled:
+                log.info("job %d cancelled while waiting", job.id)
+            else:
                 self._admit(job)
 
     def _admit(self, job):
@@ -820,6 +822,12 @@ class Engine:
         held = cache[0].offset
         if not held or len(tokens) < held:
             return False
+        import mlx.core as mx
+
+        # Computed now: a cache cut out of the batch is a lazy slice of the
+        # batch's buffers and would keep all of them alive, unaccounted for
+        # by the cache's byte bound, until first used.
+        mx.eval([c.state for c in cache])
         # Prompts the client marked for caching are evicted last.
         kind = "user" if slot.job.request.cache_hint else "assistant"
         self._prompt_cache.insert_cache(PROMPT_CACHE_KEY, list(tokens[:held]), cache,

@@ -200,7 +200,9 @@ def import_gguf(gguf_path, out_dir):
     tokenizer, tokenizer_config = tokenizer_files(meta)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    _remove_abandoned(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.",
+                                dir=out_dir.parent))
     try:
         mx.save_safetensors(str(tmp / "model.safetensors"), weights,
                             metadata={"format": "mlx"})
@@ -213,3 +215,22 @@ def import_gguf(gguf_path, out_dir):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _remove_abandoned(out_dir):
+    """Delete temporary directories left by imports whose process is gone (a
+    server stopped mid-import exits without waiting for it)."""
+    for tmp in out_dir.parent.glob(f".{out_dir.name}.*"):
+        pid = tmp.name[len(out_dir.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True

@@ -217,12 +217,14 @@ def test_disconnect_mid_stream_then_success(real_server, client, cache_dir):
     body = json.dumps({"model": "m", "max_tokens": 400, "stream": True,
                        "messages": [{"role": "user", "content": "Write a long essay."}]})
     sock = socket.create_connection((host, port), timeout=60)
-    sock.sendall((f"POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: {API_KEY}\r\n"
+    sock.sendall((f"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nx-api-key: {API_KEY}\r\n"
                   f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
                   f"{body}").encode())
     received = b""
     while received.count(b"content_block_delta") < 2:
-        received += sock.recv(4096)
+        data = sock.recv(4096)
+        assert data, received
+        received += data
     sock.close()
     # The 400-token essay was abandoned: this answer comes right after it, and
     # the server reports nothing left running or waiting once it is done.
