@@ -29,6 +29,7 @@ import os
 import secrets
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -289,12 +290,13 @@ def _result_text(content, field):
         raise invalid(field, "Input should be a valid string or list of blocks")
     parts = []
     for i, block in enumerate(content):
-        kind = _block_kind(block, f"{field}.{i}")
-        if kind in MEDIA_BLOCKS:
+        kind = block.get("type") if isinstance(block, dict) else None
+        if isinstance(kind, str) and kind in MEDIA_BLOCKS:
             # A tool may return an image (Claude Code's Read on a picture): the
             # session goes on, and the model learns what it could not see.
             parts.append(f"[{kind} omitted: this model reads text only]")
             continue
+        kind = _block_kind(block, f"{field}.{i}")
         if kind != "text":
             raise invalid(f"{field}.{i}", f"unsupported content block type '{kind}' "
                                           "in a tool result")
@@ -1063,14 +1065,19 @@ class HttpConnection:
 
         A client sends nothing after its request body, so EOF here means it
         hung up. Bytes of a pipelined next request are handed to h11, which
-        keeps them for the next cycle.
+        keeps them for the next cycle; past MAX_HEAD_BYTES of them reading
+        stops (the client's sends then block), so memory stays bounded.
         """
+        buffered = len(self.conn.trailing_data[0])
         try:
-            while True:
+            while buffered < MAX_HEAD_BYTES:
                 data = await self.reader.read(READ_CHUNK_BYTES)
                 if not data:
                     break
                 self.conn.receive_data(data)
+                buffered += len(data)
+            else:
+                return  # a disconnect now shows as a failed write
         except (ConnectionError, OSError):
             pass
         queue.put_nowait(_Disconnected())
@@ -1185,13 +1192,13 @@ class Server:
         self.engine.start()
         try:
             async with listener:
-                loading = self._loop.run_in_executor(None, self.engine.wait_loaded)
+                loading = self._in_thread(self.engine.wait_loaded)
                 stopping = asyncio.ensure_future(self._stopping.wait())
                 await asyncio.wait([loading, stopping],
                                    return_when=asyncio.FIRST_COMPLETED)
                 if not loading.done():  # stopped while loading: do not serve
                     log.info("stopped before the model finished loading")
-                    loading.add_done_callback(lambda f: f.exception())
+                    loading.cancel()
                     return
                 self._model = loading.result()
                 await listener.start_serving()
@@ -1209,6 +1216,32 @@ class Server:
             # Joining the engine thread blocks: keep it off the event loop,
             # which may be an embedding application's.
             await self._loop.run_in_executor(None, self.engine.stop, 5)
+
+    def _in_thread(self, blocking):
+        """A future for ``blocking()`` run on a daemon thread. Unlike the
+        loop's executor, a thread still blocked (a model load that takes
+        minutes) when serve() returns holds up neither the loop nor the exit."""
+        future = self._loop.create_future()
+
+        def settle(result, error):
+            if not future.done():
+                if error is None:
+                    future.set_result(result)
+                else:
+                    future.set_exception(error)
+
+        def run():
+            try:
+                result, error = blocking(), None
+            except BaseException as e:
+                result, error = None, e
+            try:
+                self._loop.call_soon_threadsafe(settle, result, error)
+            except RuntimeError:  # the loop has closed: nobody is waiting
+                pass
+
+        threading.Thread(target=run, name="pensieve-wait", daemon=True).start()
+        return future
 
     async def _shut_down(self):
         """Let running requests finish for up to shutdown_timeout, then end

@@ -22,6 +22,7 @@ the longest stored prefix of its tokens. More requests than the batch holds
 wait in line, visible through ``Engine.stats``.
 """
 
+import ctypes
 import functools
 import itertools
 import logging
@@ -187,6 +188,23 @@ class _Solo:
             self.steps = None
 
 
+def _trim_heap():
+    """Hand the C heap's free pages back to the OS. glibc keeps them: after
+    freeing a large block it raises its mmap threshold (to 32 MiB), so later
+    work buffers come from the heap and stay in the RSS once freed."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim  # glibc only
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
 def _log_cancelled(slot):
     log.info("job %d cancelled after %d of %d prompt tokens, %d output tokens",
              slot.job.id, len(slot.prompt) - slot.unread, len(slot.prompt),
@@ -274,6 +292,7 @@ class Engine:
             # MLX's allocator: the model, the caches and work buffers.
             stats["memory_active_bytes"] = mx.get_active_memory()
             stats["memory_peak_bytes"] = mx.get_peak_memory()
+            stats["memory_buffer_cache_bytes"] = mx.get_cache_memory()
         return stats
 
     # The thread.
@@ -303,13 +322,23 @@ class Engine:
         # an active exception"), and so does a stream from mx.new_stream.
         self._stream = mx.default_stream(mx.default_device())
         self._generator = self._new_generator()
+        worked = False
         try:
             while not self._stopping:
-                self._take_inbox(block=not (self._waiting or self._running
-                                            or self._solo))
+                idle = not (self._waiting or self._running or self._solo)
+                if idle and worked:
+                    # MLX keeps freed work buffers (a batch's prefill logits
+                    # run to hundreds of MB) for reuse; with nothing to do,
+                    # give them back, so an idle server's memory is the model
+                    # and the prompt cache.
+                    mx.clear_cache()
+                    _trim_heap()
+                    worked = False
+                self._take_inbox(block=idle)
                 self._drop_cancelled()
                 self._schedule()
                 if not self._stopping:
+                    worked = worked or bool(self._running or self._solo)
                     self._advance()
         finally:
             self._generator.close()

@@ -489,3 +489,16 @@ def test_kept_caches_do_not_hold_the_batchs_buffers(engines):
     logprobs = 4 * engine._vocab_size * 4
     grown = stats["memory_active_bytes"] - baseline
     assert grown < stats["prompt_cache_bytes"] + logprobs + 256 * 1024
+
+
+def test_an_idle_engine_hands_back_mlx_s_spare_buffers(engines):
+    engine = engines(max_running=4)
+    line = Timeline()
+    for i in range(4):
+        line.submit(engine, i, greedy(f"{i} {LONG_PROMPT}", max_tokens=8))
+    for i in range(4):
+        line.until(i, Finished)
+    deadline = time.monotonic() + TIMEOUT
+    while engine.stats()["memory_buffer_cache_bytes"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats()["memory_buffer_cache_bytes"] == 0

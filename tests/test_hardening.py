@@ -204,6 +204,22 @@ def test_a_client_that_stops_reading_loses_its_request(scripted, monkeypatch):
     assert call(srv, "GET", "/health").status == 200
 
 
+def test_bytes_sent_during_an_answer_are_not_buffered_without_bound(scripted):
+    srv = scripted(endless)
+    with RawConnection(srv.port) as conn:
+        conn.send(raw_request(payload=body(stream=True)))
+        conn.read_until(b"content_block_delta")
+        conn.sock.settimeout(2)
+        sent = 0
+        try:  # the server reads ahead to notice a hang-up, but only so far
+            while sent < 1 << 30:
+                sent += conn.sock.send(b"x" * 65536)
+        except socket.timeout:
+            pass
+    assert sent < 1 << 30
+    assert call(srv, "GET", "/health").status == 200
+
+
 # --- Request smuggling ------------------------------------------------------------
 
 
@@ -597,32 +613,36 @@ def test_a_second_stop_does_not_wait_for_the_deadline(scripted):
     assert not srv.thread.is_alive()
 
 
-class NeverLoads:
-    """An engine whose model never finishes loading."""
+class SlowLoad:
+    """An engine whose model takes until ``finish`` to load, stop or not."""
 
     def __init__(self):
+        self.finish = threading.Event()
         self.stopped = threading.Event()
 
     def start(self):
         pass
 
     def wait_loaded(self, timeout=None):
-        self.stopped.wait()
-        raise RuntimeError("stopped")
+        self.finish.wait()
+        raise RuntimeError("never loaded")
 
     def stop(self, timeout=None):
         self.stopped.set()
 
 
-def test_stop_while_the_model_loads_returns_without_serving():
-    engine = NeverLoads()
+def test_stop_while_the_model_loads_returns_without_waiting_for_it():
+    engine = SlowLoad()
     srv = ServerThread(Config(host="127.0.0.1", port=0), engine=engine)
     srv.thread.start()
-    wait_until(lambda: srv.server.port is not None)
-    srv.server.stop()
-    srv.thread.join(HANG_GUARD_S)
-    assert not srv.thread.is_alive() and srv.error is None
-    assert engine.stopped.is_set() and not srv.server.started.is_set()
+    try:
+        wait_until(lambda: srv.server.port is not None)
+        srv.server.stop()
+        srv.thread.join(HANG_GUARD_S)  # asyncio.run included: nothing left blocked
+        assert not srv.thread.is_alive() and srv.error is None
+        assert engine.stopped.is_set() and not srv.server.started.is_set()
+    finally:
+        engine.finish.set()
 
 
 def start_process(args, cache, log):
