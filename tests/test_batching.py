@@ -467,21 +467,26 @@ def test_injected_fault_fails_one_request_and_not_the_next(serve):
     assert c.get("/health", cast_to=object)["running"] == 0
 
 
+def batch_of_four_then_idle(engine, idle=lambda stats: not stats["running"]):
+    """Four long prompts decoded together; the engine's stats once ``idle``."""
+    line = Timeline()
+    for i in range(4):
+        line.submit(engine, i, greedy(f"{i} {LONG_PROMPT}", max_tokens=8))
+    for i in range(4):
+        line.until(i, Finished)
+    deadline = time.monotonic() + TIMEOUT
+    while not idle(engine.stats()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return engine.stats()
+
+
 def test_kept_caches_do_not_hold_the_batchs_buffers(engines):
     # A request's cache is cut out of the batch's; kept uncomputed, that
     # slice would hold the whole batch's buffers alive, far beyond the byte
     # bound the prompt cache counts.
     engine = engines(max_running=4)
     baseline = engine.stats()["memory_active_bytes"]
-    line = Timeline()
-    for i in range(4):
-        line.submit(engine, i, greedy(f"{i} {LONG_PROMPT}", max_tokens=8))
-    for i in range(4):
-        line.until(i, Finished)
-    wait_until_idle = time.monotonic() + TIMEOUT
-    while engine.stats()["running"] and time.monotonic() < wait_until_idle:
-        time.sleep(0.01)
-    stats = engine.stats()
+    stats = batch_of_four_then_idle(engine)
     assert stats["prompt_cache_entries"] == 4
     # Besides the kept caches, mlx-lm holds the batch's last log-probabilities
     # (float32 over the vocabulary, one row per request); uncomputed slices
@@ -492,13 +497,6 @@ def test_kept_caches_do_not_hold_the_batchs_buffers(engines):
 
 
 def test_an_idle_engine_hands_back_mlx_s_spare_buffers(engines):
-    engine = engines(max_running=4)
-    line = Timeline()
-    for i in range(4):
-        line.submit(engine, i, greedy(f"{i} {LONG_PROMPT}", max_tokens=8))
-    for i in range(4):
-        line.until(i, Finished)
-    deadline = time.monotonic() + TIMEOUT
-    while engine.stats()["memory_buffer_cache_bytes"] and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert engine.stats()["memory_buffer_cache_bytes"] == 0
+    stats = batch_of_four_then_idle(
+        engines(max_running=4), idle=lambda stats: not stats["memory_buffer_cache_bytes"])
+    assert stats["memory_buffer_cache_bytes"] == 0
