@@ -925,6 +925,7 @@ class HttpConnection:
     async def serve(self):
         try:
             while True:
+                self.request_id = self.method = None  # of the next request
                 try:
                     event = await self._next_request()
                 except h11.RemoteProtocolError as e:

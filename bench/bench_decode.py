@@ -157,8 +157,10 @@ def publish(table, record):
     """Print a result table; with ``record``, append it to bench/RESULTS.md."""
     print(table)
     if record:
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write(table + "\n")
+        results = ROOT / "bench" / "RESULTS.md"
+        gap = "" if results.read_text().endswith("\n\n") else "\n"
+        with open(results, "a") as f:
+            f.write(gap + table + "\n")
 
 
 def median(rows, key):

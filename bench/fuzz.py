@@ -85,8 +85,10 @@ def main():
     print(table)
     if args.record:
         results = ROOT / "bench" / "RESULTS.md"
+        text = results.read_text()
         with open(results, "a") as f:
-            if SECTION not in results.read_text():
+            f.write("" if text.endswith("\n\n") else "\n")
+            if SECTION not in text:
                 f.write(SECTION_INTRO)
             f.write(table + "\n")
     sys.exit(returncode)

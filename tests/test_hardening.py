@@ -322,6 +322,20 @@ def test_an_error_answer_to_head_has_no_body_and_the_connection_goes_on(srv):
         assert conn.read_response().status == 200
 
 
+def test_garbage_after_a_head_request_gets_a_whole_answer(srv, caplog):
+    # Found by tests/test_fuzz.py: the answer to the garbage was framed as a
+    # reply to the HEAD before it (a length, no body), and the loop broke.
+    with caplog.at_level(logging.ERROR, logger="pensieve.http"):
+        with RawConnection(srv.port) as conn:
+            conn.send(raw_request("HEAD", "/v1/messages") + b"{garbage")
+            assert conn.read_response("HEAD").status == 405
+            conn.sock.shutdown(socket.SHUT_WR)
+            reply = conn.read_response()
+    assert_error(reply, 400, "invalid_request_error")
+    assert reply.headers["request-id"] in reply.json["request_id"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 # --- Security: bind address, keys, Host, Origin, content type ----------------------
 
 
@@ -408,6 +422,18 @@ def test_allowed_hosts_extend_the_loopback_names(scripted):
     assert call(srv, "GET", "/health", headers={"Host": "other.lan"}).status == 403
     srv = scripted(allowed_hosts=("*",))
     assert call(srv, "GET", "/health", headers={"Host": "other.lan"}).status == 200
+
+
+def test_hosts_and_origins_from_flags_or_the_environment(monkeypatch):
+    monkeypatch.setenv("PENSIEVE_ALLOWED_HOSTS", "a.lan, b.lan")
+    monkeypatch.setenv("PENSIEVE_CORS_ORIGINS", "https://app.example")
+    config, _ = pensieve.parse_args([])
+    assert config.allowed_hosts == ("a.lan", "b.lan")
+    assert config.cors_origins == ("https://app.example",)
+    config, _ = pensieve.parse_args(["--allowed-host", "c.lan", "--shutdown-timeout", "5",
+                                     "--max-connections", "9"])
+    assert config.allowed_hosts == ("c.lan",)  # a flag wins over the variable
+    assert (config.shutdown_timeout, config.max_connections) == (5.0, 9)
 
 
 def test_no_cors_headers_by_default(srv):
