@@ -779,6 +779,145 @@ def stream_error_event(error_type, message, request_id):
     return sse_event("error", error_body(error_type, message, request_id))
 
 
+# === Metrics and the access log: what the server did ===========================
+
+access_log = logging.getLogger("pensieve.access")
+
+# Histogram bounds: a first token from tens of ms (a GPU, a cached prompt)
+# to minutes (a 24k-token Claude Code prompt on a CPU); a token from ~1 ms
+# (a GPU) to ~200 ms (a large model on a CPU).
+TTFT_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TOKEN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+# A status for the access log and metrics when the client left before the
+# answer was complete (nginx's convention).
+CLIENT_GONE_STATUS = 499
+
+
+class Histogram:
+    """A Prometheus histogram: cumulative counts per upper bound, sum, count."""
+
+    def __init__(self, bounds):
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value):
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+        self.sum += value
+        self.count += 1
+
+    def lines(self, name):
+        out = [f'{name}_bucket{{le="{b:g}"}} {c}' for b, c in zip(self.bounds, self.counts)]
+        return out + [f'{name}_bucket{{le="+Inf"}} {self.count}',
+                      f"{name}_sum {self.sum:.6f}", f"{name}_count {self.count}"]
+
+
+class Metrics:
+    """Counters the server keeps, rendered in Prometheus's text format."""
+
+    def __init__(self):
+        self.requests = {}  # (route, status) -> count
+        self.tokens = {"input": 0, "cached": 0, "output": 0}
+        self.ttft = Histogram(TTFT_BUCKETS_S)
+        self.per_token = Histogram(TOKEN_BUCKETS_S)
+        self.model_load_s = 0.0
+
+    def record(self, route, status, finished=None, ttft=None):
+        key = (route, str(status))
+        self.requests[key] = self.requests.get(key, 0) + 1
+        if finished is not None:
+            self.tokens["input"] += finished.input_tokens
+            self.tokens["cached"] += finished.cached_tokens
+            self.tokens["output"] += finished.output_tokens
+            if finished.output_tokens > 1 and finished.decode_tps > 0:
+                self.per_token.observe(1 / finished.decode_tps)
+        if ttft is not None:
+            self.ttft.observe(ttft)
+
+    def render(self, model, stats):
+        """The exposition text; ``stats``: the engine's, read now."""
+        out = []
+
+        def family(name, kind, help_text, samples):
+            out.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples])
+
+        family("pensieve_requests_total", "counter", "HTTP requests answered, by route "
+               f"and status ({CLIENT_GONE_STATUS}: the client left first).",
+               [f'pensieve_requests_total{{route="{_label(r)}",status="{s}"}} {n}'
+                for (r, s), n in sorted(self.requests.items())])
+        for kind, help_text in (("input", "Prompt tokens of finished requests."),
+                                ("cached", "Prompt tokens read from the prefix cache."),
+                                ("output", "Tokens generated.")):
+            name = f"pensieve_{kind}_tokens_total"
+            family(name, "counter", help_text, [f"{name} {self.tokens[kind]}"])
+        family("pensieve_time_to_first_token_seconds", "histogram",
+               "From the request's arrival to its first generated content.",
+               self.ttft.lines("pensieve_time_to_first_token_seconds"))
+        family("pensieve_time_per_output_token_seconds", "histogram",
+               "Mean time per generated token after the first, per request.",
+               self.per_token.lines("pensieve_time_per_output_token_seconds"))
+        gauges = [("requests_running", "running", "Requests decoding now."),
+                  ("requests_waiting", "waiting", "Requests waiting for the batch."),
+                  ("prompt_cache_bytes", "prompt_cache_bytes", "KV cache kept for reuse."),
+                  ("prompt_cache_max_bytes", "prompt_cache_max_bytes",
+                   "The prompt cache's bound."),
+                  ("prompt_cache_entries", "prompt_cache_entries", "Prompts kept."),
+                  ("memory_active_bytes", "memory_active_bytes", "MLX memory in use.")]
+        for name, key, help_text in gauges:
+            if key in stats:
+                family(f"pensieve_{name}", "gauge", help_text,
+                       [f"pensieve_{name} {stats[key]}"])
+        family("pensieve_model_load_seconds", "gauge", "Time taken to load the model.",
+               [f"pensieve_model_load_seconds {self.model_load_s:.3f}"])
+        family("pensieve_model_info", "gauge", "The model served (always 1).",
+               [f'pensieve_model_info{{model="{_label(model.name)}",'
+                f'device="{_label(model.device)}",context_window='
+                f'"{model.context_window}"}} 1'])
+        return ("\n".join(out) + "\n").encode()
+
+
+def _label(value):
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def log_access(http, method, path, ms):
+    """One line per request on pensieve.access; its fields also go to JSON logs."""
+    done = http.finished
+    fields = {"request_id": http.request_id, "method": method, "path": path,
+              "status": http.status or CLIENT_GONE_STATUS, "ms": round(ms, 1)}
+    text = f"{http.request_id} {method} {path} {fields['status']} {ms:.1f} ms"
+    if http.model is not None:
+        fields["model"] = http.model
+        text += f" model={http.model}"
+    if done is not None:
+        fields.update(prompt_tokens=done.input_tokens, cached_tokens=done.cached_tokens,
+                      output_tokens=done.output_tokens,
+                      ttft_ms=round(http.ttft * 1000, 1) if http.ttft is not None else None,
+                      tok_s=round(done.decode_tps, 1), stop_reason=done.stop_reason)
+        text += (f" prompt={done.input_tokens} cached={done.cached_tokens} "
+                 f"output={done.output_tokens} ttft_ms={fields['ttft_ms']} "
+                 f"tok_s={fields['tok_s']} stop={done.stop_reason}")
+    access_log.info(text, extra={"fields": fields})
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and any
+    ``fields`` the record carries (the access log's)."""
+
+    def format(self, record):
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                 + f".{int(record.msecs):03d}Z",
+                 "level": record.levelname.lower(), "logger": record.name,
+                 "message": record.getMessage(), **getattr(record, "fields", {})}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
 # === The connection loop ======================================================
 
 
@@ -834,6 +973,8 @@ class HttpConnection:
                                    max_incomplete_event_size=MAX_HEAD_BYTES)
         self.request_id = None
         self.method = None  # of the request being answered
+        self.status = self.finished = self.ttft = self.model = None
+        self.started = time.perf_counter()
         # Waiting for the first byte of a request: closing now loses nothing.
         self.idle = False
         self.idle_since = time.monotonic()
@@ -885,11 +1026,17 @@ class HttpConnection:
             self.conn.send_failed()
             raise ClientGone() from e
 
-    async def respond(self, status, body=None, headers=(), head=False):
-        """Send a complete JSON response; ``head``: headers only, as for HEAD."""
-        payload = b"" if body is None else json.dumps(body).encode()
+    async def respond(self, status, body=None, headers=(), head=False,
+                      content_type=b"application/json"):
+        """Send a complete response: ``body`` is JSON-able, or bytes sent as
+        they are; ``head``: headers only, as for HEAD."""
+        self.status = status
+        if isinstance(body, bytes):
+            payload = body
+        else:
+            payload = b"" if body is None else json.dumps(body).encode()
         hdrs = [*headers] if status == 204 else [
-            (b"content-type", b"application/json"), *headers,
+            (b"content-type", content_type), *headers,
             (b"content-length", str(len(payload)).encode())]
         await self.send(h11.Response(status_code=status, headers=self.headers(hdrs),
                                      reason=reason_phrase(status)))
@@ -912,6 +1059,10 @@ class HttpConnection:
         if self.server.draining and (b"connection", b"close") not in out:
             out.append((b"connection", b"close"))
         return out
+
+    def first_content(self):
+        if self.ttft is None:
+            self.ttft = time.perf_counter() - self.started
 
     def interrupt(self):
         """Shutdown's deadline passed: end the running request with an error."""
@@ -1009,10 +1160,25 @@ class HttpConnection:
         self.request_id = new_request_id()
         self.method = request.method
         self.cors = []
-        started = time.perf_counter()
+        # What the access log and metrics report, filled in on the way.
+        self.status = self.finished = self.ttft = self.model = None
+        self.started = time.perf_counter()
         method = request.method.decode("ascii", "replace")
         target = request.target.decode("ascii", "replace")
         path = target.split("?", 1)[0]
+        try:
+            await self._handle(request, method, path)
+        except ClientGone:
+            self.status = CLIENT_GONE_STATUS
+            raise
+        except Exception:
+            self.status = 500  # answered by serve()
+            raise
+        finally:
+            self.server.record(self, method, path,
+                               (time.perf_counter() - self.started) * 1000)
+
+    async def _handle(self, request, method, path):
         try:
             # h11 bounds a head only while it is incomplete; one that arrives
             # in a single read is measured here.
@@ -1037,8 +1203,6 @@ class HttpConnection:
             await self.respond_error(ApiError(
                 408, f"request body not received in time (a pause over "
                      f"{READ_TIMEOUT_S} s, or over {BODY_TIMEOUT_S} s in all)"))
-        log.debug("%s %s %s %.1f ms", self.request_id, method, target,
-                  (time.perf_counter() - started) * 1000)
 
     async def read_body(self, request):
         """The whole request body, bounded by MAX_BODY_BYTES (b"" once read)."""
@@ -1169,8 +1333,10 @@ class Server:
             "/v1/messages/count_tokens": {"POST": self.count_tokens},
             "/v1/models": {"GET": self.models},
             "/v1/models/": {"GET": self.model_info},  # a prefix: /v1/models/{id}
+            "/metrics": {"GET": self.metrics_text},
         }
         self._aliases = dict(self.config.aliases)
+        self.metrics = Metrics()
         self._hosts = {h.strip().strip("[]").rstrip(".").lower()
                        for h in (self.config.host, *self.config.allowed_hosts)}
         self._origins = {o.rstrip("/").lower() for o in self.config.cors_origins}
@@ -1193,6 +1359,7 @@ class Server:
         self.engine.start()
         try:
             async with listener:
+                load_started = time.perf_counter()
                 loading = self._in_thread(self.engine.wait_loaded)
                 stopping = asyncio.ensure_future(self._stopping.wait())
                 await asyncio.wait([loading, stopping],
@@ -1202,6 +1369,7 @@ class Server:
                     loading.cancel()
                     return
                 self._model = loading.result()
+                self.metrics.model_load_s = time.perf_counter() - load_started
                 await listener.start_serving()
                 self._started_at = time.time()
                 log.info("listening on http://%s:%d (model %s, %s, context %d)",
@@ -1360,6 +1528,20 @@ class Server:
                            [(b"allow", allowed.encode())])
         await handler(http, request)
 
+    def record(self, http, method, path, ms):
+        """Count a finished request and write its access-log line."""
+        if path in self._routes:
+            route = path
+        else:
+            route = "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
+        status = http.status or CLIENT_GONE_STATUS
+        self.metrics.record(route, status, http.finished, http.ttft)
+        log_access(http, method, path, ms)
+
+    async def metrics_text(self, http, request):
+        await http.respond(200, self.metrics.render(self._model, self.engine.stats()),
+                           content_type=METRICS_CONTENT_TYPE)
+
     async def root(self, http, request):
         body = {"name": "pensieve", "status": "ok", "api": "/v1/messages"}
         await http.respond(200, body, head=request.method == b"HEAD")
@@ -1419,6 +1601,7 @@ class Server:
         self._require_key(request)
         _json_content_type(request)
         model, count = parse_count_request(await http.read_body(request))
+        http.model = model
         self._check_model(model)
         result = await self._submit(http, count)
         await http.respond(200, {"input_tokens": result.input_tokens})
@@ -1460,6 +1643,7 @@ class Server:
         _json_content_type(request)
         parsed = parse_messages_request(await http.read_body(request),
                                         self.config.default_temperature)
+        http.model = parsed.model
         self._check_model(parsed.model)
         log.debug("%s tools: %s", http.request_id,
                   [t["name"] for t in parsed.generation.tools])
@@ -1479,10 +1663,12 @@ class Server:
         while True:
             msg = await queue.get()
             if isinstance(msg, CONTENT_EVENTS):
+                http.first_content()
                 blocks.add(msg)
             elif isinstance(msg, Finished):
                 blocks.finish()
-                _log_finished(http.request_id, msg, blocks.content)
+                http.finished = msg
+                _log_content(http.request_id, blocks.content)
                 return await http.respond(200, message_body(
                     new_message_id(), parsed.model, blocks.content, msg))
             elif isinstance(msg, _Disconnected):
@@ -1491,6 +1677,7 @@ class Server:
                 raise _engine_error(msg, http.request_id)
 
     async def _stream(self, http, parsed, accepted, queue):
+        http.status = 200
         await http.send(h11.Response(status_code=200, reason=b"OK", headers=http.headers([
             (b"content-type", b"text/event-stream"),
             (b"cache-control", b"no-cache"),
@@ -1518,6 +1705,7 @@ class Server:
             events = []
             for msg in coalesce(batch):
                 if isinstance(msg, CONTENT_EVENTS):
+                    http.first_content()
                     events += blocks.add(msg)
                     continue
                 if isinstance(msg, _Tick):
@@ -1525,7 +1713,8 @@ class Server:
                     continue
                 done = True
                 if isinstance(msg, Finished):
-                    _log_finished(http.request_id, msg, blocks.content)
+                    http.finished = msg
+                    _log_content(http.request_id, blocks.content)
                     events += blocks.finish() + stream_end_events(msg)
                 elif isinstance(msg, _Disconnected):
                     raise ClientGone()
@@ -1538,11 +1727,9 @@ class Server:
             await http.send(h11.Data(data=b"".join(events)))
 
 
-def _log_finished(request_id, done, content):
-    log.info("%s done: %d prompt + %d output tokens, engine ttft %.1f ms, "
-             "%.1f tok/s, %s", request_id, done.input_tokens, done.output_tokens,
-             done.time_to_first_token * 1000, done.decode_tps, done.stop_reason)
-    log.debug("%s content: %s", request_id, json.dumps(content, ensure_ascii=False))
+def _log_content(request_id, content):
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("%s content: %s", request_id, json.dumps(content, ensure_ascii=False))
 
 
 def _engine_error(failed, request_id):
@@ -1805,6 +1992,11 @@ def parse_args(argv=None):
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
                         choices=("debug", "info", "warning", "error"),
                         help="logging level [PENSIEVE_LOG_LEVEL] (default %(default)s)")
+    parser.add_argument("--log-format", default=_env("LOG_FORMAT", "text"),
+                        choices=("text", "json"),
+                        help="log lines as text, or as one JSON object each (the access "
+                             "log's fields included) [PENSIEVE_LOG_FORMAT] "
+                             "(default %(default)s)")
     args = parser.parse_args(argv)
     if args.alias is None:  # flags win over the variable, as for every option
         try:
@@ -1835,7 +2027,14 @@ def parse_args(argv=None):
                     shutdown_timeout=args.shutdown_timeout,
                     allowed_hosts=tuple(args.allowed_host),
                     cors_origins=tuple(args.cors_origin))
-    return config, args.log_level
+    return config, args.log_level, args.log_format
+
+
+def configure_logging(level, log_format="text"):
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter() if log_format == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 async def _run(config):
@@ -1861,14 +2060,13 @@ def main(argv=None):
     except SetupError as e:
         print(f"pensieve: {e}", file=sys.stderr)
         return 2
-    config, level = parse_args(argv)
+    config, level, log_format = parse_args(argv)
     try:
         check_config(config)
     except ConfigError as e:
         print(f"pensieve: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(level, log_format)
     from engine import ModelError
 
     try:

@@ -427,10 +427,10 @@ def test_allowed_hosts_extend_the_loopback_names(scripted):
 def test_hosts_and_origins_from_flags_or_the_environment(monkeypatch):
     monkeypatch.setenv("PENSIEVE_ALLOWED_HOSTS", "a.lan, b.lan")
     monkeypatch.setenv("PENSIEVE_CORS_ORIGINS", "https://app.example")
-    config, _ = pensieve.parse_args([])
+    config, *_ = pensieve.parse_args([])
     assert config.allowed_hosts == ("a.lan", "b.lan")
     assert config.cors_origins == ("https://app.example",)
-    config, _ = pensieve.parse_args(["--allowed-host", "c.lan", "--shutdown-timeout", "5",
+    config, *_ = pensieve.parse_args(["--allowed-host", "c.lan", "--shutdown-timeout", "5",
                                      "--max-connections", "9"])
     assert config.allowed_hosts == ("c.lan",)  # a flag wins over the variable
     assert (config.shutdown_timeout, config.max_connections) == (5.0, 9)

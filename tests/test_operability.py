@@ -1,0 +1,160 @@
+"""What the server tells its operator: /metrics, the access log, JSON logs.
+
+/metrics is read with Prometheus's own text parser (prometheus_client), over
+a real socket, from a scripted engine (exact counts) and from the real engine
+on the tiny model (prefix-cache hits, model load time). The access log is one
+record per request on ``pensieve.access``; ``--log-format json`` is checked
+on the real process.
+
+    .venv/bin/python -m pytest -q tests/test_operability.py
+"""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, Accepted, Finished, TextDelta, free_port, wait_healthy
+from prometheus_client.parser import text_string_to_metric_families
+from test_http import RawConnection, body, call, raw_request, wait_until
+
+DONE = Finished("end_turn", None, 7, 3, 0.05, 20.0, cached_tokens=4)
+
+
+def script(request):
+    return [Accepted(7, request.max_tokens), TextDelta("Hello"), TextDelta(" world"),
+            TextDelta("!"), DONE]
+
+
+def metrics(srv):
+    """{(name, frozenset(labels)): value} of every sample /metrics shows."""
+    reply = call(srv, "GET", "/metrics", key=None)
+    assert reply.status == 200
+    assert reply.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = {}
+    for family in text_string_to_metric_families(reply.body.decode()):
+        for sample in family.samples:
+            samples[sample.name, frozenset(sample.labels.items())] = sample.value
+    return samples
+
+
+def value(samples, name, **labels):
+    return samples.get((name, frozenset(labels.items())), 0)
+
+
+def test_metrics_count_requests_tokens_and_latency(scripted):
+    srv = scripted(script)
+    before = metrics(srv)
+    assert call(srv, "POST", "/v1/messages", body()).status == 200
+    assert call(srv, "POST", "/v1/messages", body(stream=True)).status == 200
+    assert call(srv, "POST", "/v1/messages", body(), key="wrong").status == 401
+    assert call(srv, "GET", "/nowhere").status == 404
+    assert call(srv, "GET", "/v1/models/some-model").status == 200
+    after = metrics(srv)
+    requests = "pensieve_requests_total"
+    assert value(after, requests, route="/v1/messages", status="200") == 2
+    assert value(after, requests, route="/v1/messages", status="401") == 1
+    assert value(after, requests, route="other", status="404") == 1
+    assert value(after, requests, route="/v1/models/{id}", status="200") == 1
+    # /metrics counts itself once it has answered: the first read shows none.
+    assert value(before, requests, route="/metrics", status="200") == 0
+    assert value(after, requests, route="/metrics", status="200") == 1
+    assert value(after, "pensieve_input_tokens_total") == 14
+    assert value(after, "pensieve_cached_tokens_total") == 8
+    assert value(after, "pensieve_output_tokens_total") == 6
+    ttft = "pensieve_time_to_first_token_seconds"
+    assert value(after, f"{ttft}_count") == 2
+    assert value(after, f"{ttft}_bucket", le="+Inf") == 2
+    per_token = "pensieve_time_per_output_token_seconds"
+    assert value(after, f"{per_token}_count") == 2
+    assert value(after, f"{per_token}_sum") == pytest.approx(2 / 20.0)
+    assert value(after, f"{per_token}_bucket", le="0.05") == 2
+    assert value(after, f"{per_token}_bucket", le="0.025") == 0
+    assert value(after, "pensieve_requests_running") == 0
+    assert value(after, "pensieve_model_info", model="scripted", device="cpu",
+                 context_window="1000") == 1
+
+
+def test_metrics_from_the_real_engine(tiny_server):
+    ask = {"model": "m", "max_tokens": 4, "temperature": 0,
+           "messages": [{"role": "user", "content": "The same prompt, twice over."}]}
+    before = metrics(tiny_server)
+    for _ in range(2):
+        assert call(tiny_server, "POST", "/v1/messages", ask).status == 200
+    after = metrics(tiny_server)
+    grew = {name: value(after, name) - value(before, name) for name in (
+        "pensieve_input_tokens_total", "pensieve_cached_tokens_total",
+        "pensieve_output_tokens_total")}
+    assert grew["pensieve_output_tokens_total"] == 8
+    # The second request read all but its last prompt token from the cache.
+    assert 0 < grew["pensieve_cached_tokens_total"] < grew["pensieve_input_tokens_total"]
+    assert value(after, "pensieve_prompt_cache_bytes") > 0
+    assert value(after, "pensieve_prompt_cache_max_bytes") > 0
+    assert value(after, "pensieve_model_load_seconds") > 0
+
+
+def access_records(caplog):
+    return [r for r in caplog.records if r.name == "pensieve.access"]
+
+
+def test_one_access_record_per_request(scripted, caplog):
+    srv = scripted(script)
+    with caplog.at_level(logging.INFO, logger="pensieve.access"):
+        reply = call(srv, "POST", "/v1/messages", body())
+        call(srv, "GET", "/v1/models", key="wrong")
+        # Written once the answer is out: the client may read it first.
+        wait_until(lambda: len(access_records(caplog)) == 2)
+    done, refused = access_records(caplog)
+    assert done.fields == {
+        "request_id": reply.headers["request-id"], "method": "POST", "path": "/v1/messages",
+        "status": 200, "ms": done.fields["ms"], "model": "claude-test",
+        "prompt_tokens": 7, "cached_tokens": 4, "output_tokens": 3,
+        "ttft_ms": done.fields["ttft_ms"], "tok_s": 20.0, "stop_reason": "end_turn"}
+    assert done.fields["ttft_ms"] > 0 and done.fields["ms"] >= done.fields["ttft_ms"]
+    line = done.getMessage()
+    assert line.startswith(f"{reply.headers['request-id']} POST /v1/messages 200 ")
+    assert "prompt=7 cached=4 output=3" in line and "stop=end_turn" in line
+    assert refused.fields["status"] == 401 and "prompt_tokens" not in refused.fields
+
+
+def test_a_client_that_leaves_is_logged_as_499(scripted, caplog):
+    srv = scripted(lambda request: [Accepted(7, 16), TextDelta("a"), 30, DONE])
+    with caplog.at_level(logging.INFO, logger="pensieve.access"):
+        with RawConnection(srv.port) as conn:
+            conn.send(raw_request(payload=body(stream=True)))
+            conn.read_until(b'"text":"a"')
+        wait_until(lambda: access_records(caplog))
+    assert access_records(caplog)[0].fields["status"] == 499
+    assert value(metrics(srv), "pensieve_requests_total", route="/v1/messages",
+                 status="499") == 1
+
+
+def test_json_logs_carry_the_access_fields(tiny_model_dir, tmp_path):
+    port = free_port()
+    env = {**os.environ, "PENSIEVE_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "pensieve.py"), "--model", str(tiny_model_dir),
+         "--port", str(port), "--cpu-weights", "stored", "--log-format", "json"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
+        import anthropic
+
+        client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}",
+                                     api_key="pensieve-local-token", max_retries=0)
+        client.messages.create(model="m", max_tokens=2,
+                               messages=[{"role": "user", "content": "hi"}])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 0
+    entries = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    assert entries and all({"time", "level", "logger", "message"} <= set(e) for e in entries)
+    access = [e for e in entries if e["logger"] == "pensieve.access"
+              and e["path"] == "/v1/messages"]
+    assert len(access) == 1
+    assert access[0]["status"] == 200 and access[0]["output_tokens"] == 2
+    assert access[0]["request_id"].startswith("req_")
