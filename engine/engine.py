@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from . import grammar as grammars
 from .models import ModelError, load, physical_memory
+from .progress import step
 from .text import (PromptEncoder, RenderError, StopMatcher, render_prompt,
                    template_takes_tools)
 from .tools import (FALLBACK_FORMAT, JSON_TOOLS_FORMAT, CallFormat, OutputParser,
@@ -361,6 +362,17 @@ class Engine:
             max_size=PROMPT_CACHE_ENTRIES,
             max_bytes=self._cache_bytes if self._cache_bytes is not None
             else int(min(PROMPT_CACHE_MEMORY_SHARE * physical_memory(), 1 << 62)))
+        self._warm_up()
+
+    def _warm_up(self):
+        """One forward pass before serving: a GPU compiles its kernels on first
+        use (seconds on CUDA), which would otherwise land on the first request."""
+        import mlx.core as mx
+
+        with step("warming up"):
+            tokens = self.model.tokenizer.encode("Hello") or [0]
+            mx.eval(self.model.model(mx.array([tokens])))
+        mx.clear_cache()
 
     def _new_generator(self):
         from mlx_lm.generate import BatchGenerator

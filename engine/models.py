@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .gguf import import_gguf
+from .progress import step
 
 log = logging.getLogger("pensieve.engine")
 
@@ -30,6 +31,10 @@ IMPORT_VERSION = 1
 # The float32 copy made on CPU may take at most this share of physical memory;
 # beyond it the stored (quantized) weights are kept.
 FLOAT32_MEMORY_SHARE = 0.5
+# Weights larger than this share of physical memory are refused before
+# loading: with the OS, the KV cache and work buffers on top they would swap
+# or be killed.
+MODEL_MEMORY_SHARE = 0.9
 # Used when neither the model config nor the tokenizer states a window.
 FALLBACK_CONTEXT_WINDOW = 4096
 # Debian's threaded OpenBLAS (package libopenblas0-pthread). MLX's Linux CPU
@@ -91,8 +96,8 @@ def imported_dir(gguf_path, root=None):
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     out = Path(root or cache_root()) / "models" / f"{gguf_path.stem}-{digest}"
     if not (out / "config.json").exists():
-        log.info("importing %s into %s (once)", gguf_path.name, out)
-        import_gguf(gguf_path, out)
+        with step(f"importing {gguf_path.name} into MLX format, once, into {out}"):
+            import_gguf(gguf_path, out)
     return out
 
 
@@ -200,14 +205,21 @@ def load(spec, cpu_weights="float32"):
 
     location, name = resolve(spec)
     try:
-        model, tokenizer, config = mlx_load(str(location), return_config=True)
+        if not Path(location).is_dir():  # a repo id
+            location = _download(location)
+        _check_fits(location, name)
+        with step(f"loading {name}"):
+            model, tokenizer, config = mlx_load(str(location), return_config=True)
+    except ModelError:
+        raise
     except Exception as e:
         raise ModelError(_load_hint(spec, e)) from e
     device = _device_name(mx)
     weights = "as stored"
     if device == "cpu" and cpu_weights == "float32":
         if _float32_bytes(model) <= FLOAT32_MEMORY_SHARE * physical_memory():
-            dequantize_model(model)
+            with step("converting the weights to float32"):
+                dequantize_model(model)
             weights = f"float32 ({openblas or 'bundled reference BLAS'})"
         else:
             log.warning("keeping %s's weights as stored: as float32 they would not "
@@ -217,6 +229,27 @@ def load(spec, cpu_weights="float32"):
     if not isinstance(window, int) or window <= 0 or window > 10_000_000:
         window = FALLBACK_CONTEXT_WINDOW
     return LoadedModel(model, tokenizer, name, window, device, weights)
+
+
+def _download(repo):
+    """A Hugging Face repo's local snapshot, fetched (or found in the cache)."""
+    from huggingface_hub import snapshot_download
+    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
+
+    with step(f"fetching {repo} from Hugging Face (or its local cache)"):
+        return Path(snapshot_download(repo, allow_patterns=DEFAULT_ALLOW_PATTERNS))
+
+
+def _check_fits(location, name):
+    """Refuse, before reading them, weights that would not fit in memory."""
+    size = sum(f.stat().st_size for f in Path(location).glob("*.safetensors"))
+    memory = physical_memory()
+    if size > MODEL_MEMORY_SHARE * memory:
+        raise ModelError(
+            f"{name} needs {size / 2**30:.1f} GiB for its weights alone and this "
+            f"machine has {memory / 2**30:.1f} GiB of memory. Pick a smaller model "
+            "or a more quantized one (a 4-bit variant, e.g. an mlx-community "
+            "...-4bit repo).")
 
 
 def _float32_bytes(model):

@@ -9,17 +9,23 @@ on the real process.
     .venv/bin/python -m pytest -q tests/test_operability.py
 """
 
+import io
 import json
 import logging
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import ROOT, Accepted, Finished, TextDelta, free_port, wait_healthy
 from prometheus_client.parser import text_string_to_metric_families
 from test_http import RawConnection, body, call, raw_request, wait_until
+
+from engine import progress
 
 DONE = Finished("end_turn", None, 7, 3, 0.05, 20.0, cached_tokens=4)
 
@@ -158,6 +164,12 @@ def test_json_logs_carry_the_access_fields(tiny_model_dir, tmp_path):
     assert len(access) == 1
     assert access[0]["status"] == 200 and access[0]["output_tokens"] == 2
     assert access[0]["request_id"].startswith("req_")
+    # Start-up steps are logged, as they are when no terminal watches.
+    messages = [e["message"] for e in entries]
+    name = tiny_model_dir.name
+    assert f"loading {name} ..." in messages
+    assert any(m.startswith(f"loading {name}: done in ") for m in messages)
+    assert any(m.startswith("warming up: done in ") for m in messages)
 
 
 # --- First run: the banner, the console command, a config file ------------------------
@@ -218,3 +230,53 @@ def test_a_bad_config_file_stops_start_up_with_one_message(tmp_path, text, messa
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+# --- Long start-up steps and models that cannot work ----------------------------------
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_a_step_on_a_terminal_is_one_line_with_a_clock(monkeypatch):
+    monkeypatch.setattr(progress, "REDRAW_S", 0.01)
+    out = Terminal()
+    with progress.step("loading a model", stream=out):
+        time.sleep(0.1)
+    text = out.getvalue()
+    assert text.startswith("loading a model ...")
+    assert "\rloading a model ... 0 s" in text  # redrawn in place while it runs
+    assert text.endswith("\n") and text.count("\n") == 1
+    assert re.search(r"\rloading a model \.\.\. done in \d+\.\d s\n$", text)
+
+
+def test_a_step_in_a_log_says_start_progress_and_end(monkeypatch, caplog):
+    monkeypatch.setattr(progress, "PROGRESS_LOG_S", 0.02)
+    with caplog.at_level(logging.INFO, logger="pensieve.engine"):
+        with pytest.raises(RuntimeError):
+            with progress.step("importing x.gguf", stream=io.StringIO()):
+                time.sleep(0.1)
+                raise RuntimeError("disk full")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "importing x.gguf ..."
+    assert any(line.startswith("importing x.gguf: still running") for line in lines)
+    assert lines[-1].startswith("importing x.gguf: failed in ")
+
+
+def test_a_model_too_large_for_memory_is_refused_before_loading(tiny_model_dir, tmp_path):
+    from engine.models import physical_memory
+
+    model = tmp_path / "huge-model"
+    model.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", model / "config.json")
+    with open(model / "model.safetensors", "wb") as f:  # sparse: takes no disk
+        f.truncate(2 * physical_memory())
+    out = subprocess.run([sys.executable, str(ROOT / "pensieve.py"), "--model", str(model),
+                          "--port", str(free_port())],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PENSIEVE_CACHE_DIR": str(tmp_path)})
+    assert out.returncode == 2
+    assert "huge-model needs" in out.stderr and "Pick a smaller model" in out.stderr
+    assert "Traceback" not in out.stderr
