@@ -1877,14 +1877,11 @@ SERVER_START_TIMEOUT_S = 600
 # Config-file keys whose flag is not the variable's name in lower case.
 CONFIG_KEYS = {"ALIASES": "alias", "ALLOWED_HOSTS": "allowed-host",
                "CORS_ORIGINS": "cors-origin"}
-CONFIG_OPTIONS = {
-    "host", "port", "model", "api-key", "max-running", "max-waiting", "cpu-weights",
-    "default-temperature", "prompt-cache-mb", "alias", "grammar", "max-connections",
-    "shutdown-timeout", "allowed-host", "cors-origin", "log-level", "log-format"}
 
 
 def _read_config(path):
-    """A --config TOML file as {option: text}, as a variable would give it."""
+    """A --config TOML file as {option: text}, as a variable would give it
+    (the option names are checked against the parser's)."""
     try:
         import tomllib
     except ImportError:  # Python 3.10
@@ -1899,9 +1896,6 @@ def _read_config(path):
     out = {}
     for key, value in data.items():
         option = key.replace("_", "-")
-        if option not in CONFIG_OPTIONS:
-            raise SetupError(f"--config {path}: unknown option {key!r} (known: "
-                             f"{', '.join(sorted(CONFIG_OPTIONS))})")
         if isinstance(value, bool):
             value = "on" if value else "off"
         elif isinstance(value, list):
@@ -2055,6 +2049,12 @@ def parse_args(argv=None):
                         help="log lines as text, or as one JSON object each (the access "
                              "log's fields included) [PENSIEVE_LOG_FORMAT] "
                              "(default %(default)s)")
+    known = {a.option_strings[0][2:] for a in parser._actions
+             if a.option_strings and a.dest not in ("help", "config")}
+    unknown = sorted(set(from_file) - known)
+    if unknown:
+        parser.error(f"--config {config_path}: unknown option {unknown[0]!r} (known: "
+                     f"{', '.join(sorted(known))})")
     args = parser.parse_args(argv)
     if args.alias is None:  # flags win over the variable, as for every option
         try:
