@@ -369,9 +369,12 @@ class Engine:
         use (seconds on CUDA), which would otherwise land on the first request."""
         import mlx.core as mx
 
-        with step("warming up"):
-            tokens = self.model.tokenizer.encode("Hello") or [0]
-            mx.eval(self.model.model(mx.array([tokens])))
+        try:
+            with step("warming up"):
+                tokens = self.model.tokenizer.encode("Hello") or [0]
+                mx.eval(self.model.model(mx.array([tokens])))
+        except Exception as e:  # a model that needs more than tokens: serve anyway
+            log.warning("warm-up skipped (%s): the first request pays for it", e)
         mx.clear_cache()
 
     def _new_generator(self):
