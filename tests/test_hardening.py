@@ -677,16 +677,18 @@ def start_process(args, cache, log):
                             env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def test_sigterm_lets_a_stream_finish_then_exits_zero(tiny_model_dir, tmp_path):
+def test_sigterm_lets_a_stream_finish_then_exits_zero(roomy_model_dir, tmp_path):
     port = free_port()
     with open(tmp_path / "server.log", "w") as log:
-        proc = start_process(["--model", str(tiny_model_dir), "--port", str(port),
+        proc = start_process(["--model", str(roomy_model_dir), "--port", str(port),
                               "--cpu-weights", "stored"], tmp_path, log)
     try:
         wait_healthy(f"http://127.0.0.1:{port}", proc)
         with RawConnection(port) as conn:
             conn.sock.settimeout(60)
-            conn.send(stream_request(LONG_PROMPT, max_tokens=200))
+            # Long enough to be running when the signal lands, well inside
+            # the 30 s drain deadline.
+            conn.send(stream_request(LONG_PROMPT, max_tokens=600))
             conn.read_until(b"content_block_delta")
             proc.send_signal(signal.SIGTERM)
             events = rest_of_stream(conn)
