@@ -144,10 +144,15 @@ class ConfigError(ValueError):
     """The configuration is unsafe or inconsistent; the server does not start."""
 
 
+def _bare_host(host):
+    """A host name or address as compared: no brackets, no trailing dot, lower case."""
+    return host.strip().strip("[]").rstrip(".").lower()
+
+
 def is_loopback(host):
     """Whether ``host`` (a name or address, IPv6 with or without brackets)
     only reaches this machine."""
-    host = host.strip().strip("[]").rstrip(".").lower()
+    host = _bare_host(host)
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
@@ -999,15 +1004,18 @@ class HttpConnection:
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
                     raise asyncio.TimeoutError()
-            try:
-                data = await asyncio.wait_for(self.reader.read(READ_CHUNK_BYTES), wait)
-            except asyncio.TimeoutError:
-                # Listed first: from Python 3.11 it is the builtin TimeoutError,
-                # a subclass of OSError, and the caller decides what a stall means.
-                raise
-            except (ConnectionError, OSError) as e:
-                raise ClientGone() from e
-            self.conn.receive_data(data)
+            self.conn.receive_data(await self._read(wait))
+
+    async def _read(self, timeout):
+        """Bytes from the client (b"" at EOF); TimeoutError after ``timeout``."""
+        try:
+            return await asyncio.wait_for(self.reader.read(READ_CHUNK_BYTES), timeout)
+        except asyncio.TimeoutError:
+            # Listed first: from Python 3.11 it is the builtin TimeoutError,
+            # a subclass of OSError, and the caller decides what a stall means.
+            raise
+        except (ConnectionError, OSError) as e:
+            raise ClientGone() from e
 
     async def send(self, event):
         data = self.conn.send(event)
@@ -1116,12 +1124,7 @@ class HttpConnection:
         if not self.conn.trailing_data[0]:  # no pipelined bytes already here
             self.idle, self.idle_since = True, time.monotonic()
             try:
-                data = await asyncio.wait_for(self.reader.read(READ_CHUNK_BYTES),
-                                              KEEPALIVE_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                raise
-            except (ConnectionError, OSError) as e:
-                raise ClientGone() from e
+                data = await self._read(KEEPALIVE_TIMEOUT_S)
             finally:
                 self.idle = False
             self.conn.receive_data(data)
@@ -1248,6 +1251,11 @@ class HttpConnection:
         queue.put_nowait(_Disconnected())
 
 
+def _route_key(path):
+    """The routing table's key for ``path``: /v1/models/{id} stands for every id."""
+    return "/v1/models/{id}" if path.startswith("/v1/models/") else path
+
+
 def _host_name(value):
     """The name in a Host header ("[::1]:7777" -> "::1"), or None if malformed."""
     value = value.strip().lower()
@@ -1332,13 +1340,12 @@ class Server:
             "/v1/messages": {"POST": self.messages},
             "/v1/messages/count_tokens": {"POST": self.count_tokens},
             "/v1/models": {"GET": self.models},
-            "/v1/models/": {"GET": self.model_info},  # a prefix: /v1/models/{id}
+            "/v1/models/{id}": {"GET": self.model_info},
             "/metrics": {"GET": self.metrics_text},
         }
         self._aliases = dict(self.config.aliases)
         self.metrics = Metrics()
-        self._hosts = {h.strip().strip("[]").rstrip(".").lower()
-                       for h in (self.config.host, *self.config.allowed_hosts)}
+        self._hosts = {_bare_host(h) for h in (self.config.host, *self.config.allowed_hosts)}
         self._origins = {o.rstrip("/").lower() for o in self.config.cors_origins}
 
     async def serve(self):
@@ -1511,8 +1518,7 @@ class Server:
     # Routes.
 
     async def route(self, http, method, path, request):
-        key = "/v1/models/" if path.startswith("/v1/models/") else path
-        methods = self._routes.get(key)
+        methods = self._routes.get(_route_key(path))
         if methods is None:
             raise ApiError(404, f"no route for {path}")
         if method == "OPTIONS" and http.cors:  # a CORS preflight from an allowed origin
@@ -1530,10 +1536,8 @@ class Server:
 
     def record(self, http, method, path, ms):
         """Count a finished request and write its access-log line."""
-        if path in self._routes:
-            route = path
-        else:
-            route = "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
+        route = _route_key(path)
+        route = route if route in self._routes else "other"  # labels stay bounded
         status = http.status or CLIENT_GONE_STATUS
         self.metrics.record(route, status, http.finished, http.ttft)
         log_access(http, method, path, ms)
