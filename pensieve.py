@@ -902,10 +902,13 @@ def log_access(http, method, path, ms):
         fields.update(prompt_tokens=done.input_tokens, cached_tokens=done.cached_tokens,
                       output_tokens=done.output_tokens,
                       ttft_ms=round(http.ttft * 1000, 1) if http.ttft is not None else None,
+                      # The engine's share: from acceptance to the first token.
+                      engine_ttft_ms=round(done.time_to_first_token * 1000, 1),
                       tok_s=round(done.decode_tps, 1), stop_reason=done.stop_reason)
         text += (f" prompt={done.input_tokens} cached={done.cached_tokens} "
                  f"output={done.output_tokens} ttft_ms={fields['ttft_ms']} "
-                 f"tok_s={fields['tok_s']} stop={done.stop_reason}")
+                 f"engine_ttft_ms={fields['engine_ttft_ms']} tok_s={fields['tok_s']} "
+                 f"stop={done.stop_reason}")
     access_log.info(text, extra={"fields": fields})
 
 

@@ -12,9 +12,10 @@ in turn, greedy (temperature 0), through the HTTP API:
   text, tools    a plain question with the tool present and tool_choice auto
                  (the grammar allows free text: the cost of the mask alone).
 Per request: the client's decode tok/s = (output tokens - 1) / (last
-content_block_delta - first), and the engine's own from the server log's
-"done:" line (first token -> last on the engine thread). Each run sends every
-case to both servers, alternating; ratios are medians of the per-run ratios.
+content_block_delta - first), and the engine's own from the server's
+access-log line (tok_s: first token -> last on the engine thread). Each run
+sends every case to both servers, alternating; ratios are medians of the
+per-run ratios.
 The client's figure needs deltas that follow the tokens: a tool call's
 arguments stream only under the grammar (unconstrained, a call is checked
 whole and sent at the end: n/a), and its first delta comes after the call's
@@ -91,8 +92,9 @@ CASES = {
                       "Write a long, detailed story about a dragon who learns to "
                       "write software."}]},
 }
-DONE = re.compile(r"done: (\d+) prompt \+ (\d+) output tokens, engine ttft ([\d.]+) ms, "
-                  r"([\d.]+) tok/s")
+# The access-log line of a finished generation.
+DONE = re.compile(r"POST /v1/messages 200 .* prompt=(\d+) cached=\d+ output=(\d+) "
+                  r"ttft_ms=\S+ engine_ttft_ms=([\d.]+) tok_s=([\d.]+)")
 
 
 def stream(port, case, tokens):
@@ -197,8 +199,8 @@ def main():
     for mode in modes:
         logged = engine_rates(logs[mode].name)
         if len(logged) != len(sent[mode]):
-            raise RuntimeError(f"{logs[mode].name}: {len(logged)} 'done:' lines for "
-                               f"{len(sent[mode])} requests")
+            raise RuntimeError(f"{logs[mode].name}: {len(logged)} access-log lines "
+                               f"of generations for {len(sent[mode])} requests")
         for r, e in zip(sent[mode], logged):
             r.update(e)
         if not args.server_log:

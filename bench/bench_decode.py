@@ -10,9 +10,9 @@ For the same model, prompt and greedy decoding, runs alternate between:
               tok/s = (output tokens - 1) / (last delta - first delta).
 Alternating pairs, each after a warm-up, means a noisy machine slows both
 sides alike; the ratio reported is the median of the per-pair ratios. The
-server's log line gives the engine's own TTFT (prefill and first token); the
-client's TTFT minus it, over 15 short requests, is what the server adds:
-HTTP, parsing, template and tokenizer, the thread hand-offs. --record appends
+server's access-log line gives the engine's own TTFT (prefill and first
+token); the client's TTFT minus it, over 15 short requests, is what the
+server adds: HTTP, parsing, template and tokenizer, the thread hand-offs. --record appends
 the table to bench/RESULTS.md.
 """
 
@@ -145,7 +145,7 @@ def measure(spec, tokens, runs):
         short = [http_once(port, 8) for _ in range(TTFT_SAMPLES)]
     finally:
         stop_server(proc, log)
-    logged = re.findall(r"engine ttft ([\d.]+) ms, ([\d.]+) tok/s",
+    logged = re.findall(r"POST /v1/messages 200 .* engine_ttft_ms=([\d.]+) tok_s=([\d.]+)",
                         Path(log.name).read_text())
     for r, (ttft, tps) in zip(served + short, logged[1:]):
         r["engine_ttft"], r["engine_tps"] = float(ttft) / 1000, float(tps)

@@ -118,7 +118,8 @@ def test_one_access_record_per_request(scripted, caplog):
         "request_id": reply.headers["request-id"], "method": "POST", "path": "/v1/messages",
         "status": 200, "ms": done.fields["ms"], "model": "claude-test",
         "prompt_tokens": 7, "cached_tokens": 4, "output_tokens": 3,
-        "ttft_ms": done.fields["ttft_ms"], "tok_s": 20.0, "stop_reason": "end_turn"}
+        "ttft_ms": done.fields["ttft_ms"], "engine_ttft_ms": 50.0, "tok_s": 20.0,
+        "stop_reason": "end_turn"}
     assert done.fields["ttft_ms"] > 0 and done.fields["ms"] >= done.fields["ttft_ms"]
     line = done.getMessage()
     assert line.startswith(f"{reply.headers['request-id']} POST /v1/messages 200 ")
