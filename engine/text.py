@@ -23,6 +23,9 @@ class Message(NamedTuple):
     ``role``: system, user, assistant, or tool (a tool's result, answering
     the call ``call_id`` to ``name``). An assistant turn may carry
     ``thinking`` and ``calls``: ((id, name, input), ...) after its text.
+    A tool result or a system note may make tools callable from that point on
+    (``tools``: their definitions, rendered there, as tool search and
+    mid-conversation tool changes do) or withdraw them (``removed``: names).
     A plain (role, text) pair is accepted wherever a Message is.
     """
 
@@ -33,6 +36,8 @@ class Message(NamedTuple):
     call_id: str | None = None
     name: str | None = None
     is_error: bool = False
+    tools: tuple = ()
+    removed: tuple = ()
 
 
 def _as_message(m):
@@ -80,14 +85,39 @@ TOOLS_OUTRO = (
     "Each result comes back inside <tool_response></tool_response>.")
 
 
-def tools_section(tools):
-    """The fallback tool description for templates without tool support.
+def _tool_lines(tools):
+    """One compact JSON object per tool, keys in the client's order, so the
+    text is the same on every turn and the prompt prefix stays reusable."""
+    return "\n".join(json.dumps(t, ensure_ascii=False, separators=(", ", ": "))
+                     for t in tools)
 
-    One compact JSON object per tool, keys in the client's order, so the text
-    is the same on every turn and the prompt prefix stays reusable.
-    """
-    lines = [json.dumps(t, ensure_ascii=False, separators=(", ", ": ")) for t in tools]
-    return TOOLS_INTRO + "\n".join(lines) + TOOLS_OUTRO
+
+def tools_section(tools):
+    """The fallback tool description for templates without tool support."""
+    return TOOLS_INTRO + _tool_lines(tools) + TOOLS_OUTRO
+
+
+def _function_spec(tool):
+    """An Anthropic tool definition in the function form templates expect."""
+    return {"type": "function", "function": {
+        "name": tool["name"], "description": tool.get("description", ""),
+        "parameters": tool.get("input_schema", {})}}
+
+
+def _loaded_text(m, native):
+    """A turn's own text with the tools it loads or withdraws, where it
+    stands in the conversation: definitions in the encoding of the prompt's
+    own tool list (a ``<tools>`` block of one JSON object per line), so a
+    tool found by tool search reads like one given at the start."""
+    parts = []
+    if m.tools:
+        specs = [_function_spec(t) for t in m.tools] if native else m.tools
+        parts.append("<tools>\n" + _tool_lines(specs) + "\n</tools>")
+    if m.removed:
+        parts.append("No longer available: " + ", ".join(m.removed) + ".")
+    if m.text:
+        parts.append(m.text)
+    return "\n".join(parts)
 
 
 def template_takes_tools(tokenizer):
@@ -104,8 +134,9 @@ def _with_tools_section(turns, tools):
     return [("system", section, ""), *turns]
 
 
-def _result_text(m):
-    return f"Error: {m.text}" if m.is_error else m.text
+def _result_text(m, native=False):
+    text = _loaded_text(m, native)
+    return f"Error: {text}" if m.is_error else text
 
 
 def _fallback_turns(messages):
@@ -121,7 +152,7 @@ def _fallback_turns(messages):
             turns.append(("user", f"<tool_response>\n{_result_text(m)}\n</tool_response>",
                           ""))
         else:
-            turns.append((m.role, m.text, ""))
+            turns.append((m.role, _loaded_text(m, False), ""))
     merged = []
     for role, text, thinking in turns:
         if merged and merged[-1][0] == role == "user":
@@ -150,10 +181,10 @@ def _native_dicts(tokenizer, messages):
                 d["reasoning_content"] = m.thinking
             out.append(d)
         elif m.role == "tool":
-            out.append({"role": "tool", "content": _result_text(m),
+            out.append({"role": "tool", "content": _result_text(m, native=True),
                         "tool_call_id": m.call_id, "name": m.name})
         else:
-            out.append({"role": m.role, "content": m.text})
+            out.append({"role": m.role, "content": _loaded_text(m, True)})
     return out
 
 
@@ -176,9 +207,7 @@ def render_text(tokenizer, messages, tools=(), thinking=None):
         kwargs["enable_thinking"] = thinking
     if template_takes_tools(tokenizer):
         if tools:
-            kwargs["tools"] = [{"type": "function", "function": {
-                "name": t["name"], "description": t.get("description", ""),
-                "parameters": t.get("input_schema", {})}} for t in tools]
+            kwargs["tools"] = [_function_spec(t) for t in tools]
         dicts = _native_dicts(tokenizer, messages)
     else:
         turns = _fallback_turns(messages)

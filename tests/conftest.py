@@ -34,6 +34,17 @@ from pensieve import Config, Server  # noqa: E402
 API_KEY = "pensieve-local-token"
 
 
+def claude_cli():
+    """The Claude Code CLI the tests drive: $PENSIEVE_CLAUDE_CLI (make
+    test-claude-latest sets it), else the pinned one make test installs, else
+    one on PATH; None if there is none."""
+    import shutil
+
+    return os.environ.get("PENSIEVE_CLAUDE_CLI") or shutil.which(
+        "claude", path=str(ROOT / ".claude-cli" / "node_modules" / ".bin")) \
+        or shutil.which("claude")
+
+
 # --- Models -------------------------------------------------------------------
 
 
@@ -193,8 +204,10 @@ class PensieveProcess:
 
 @pytest.fixture(scope="session")
 def real_server(cache_dir, smollm_dir):
-    """``python pensieve.py`` on the embedded SmolLM2, as a user starts it."""
-    server = PensieveProcess(cache_dir)
+    """``python pensieve.py`` on the embedded SmolLM2, as a user starts it, at
+    its trained window: the API tests know its greedy answers there (past it,
+    served by default at 32k, RoPE is scaled; tests/test_claude_code.py)."""
+    server = PensieveProcess(cache_dir, "--context-window", "8192")
     yield server.url
     server.stop()
 

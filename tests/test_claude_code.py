@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import subprocess
 import threading
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 
 import engine
 import pensieve
-from conftest import API_KEY, ROOT, FakeJob, PensieveProcess, ServerThread
+from conftest import API_KEY, FakeJob, PensieveProcess, ServerThread, claude_cli
 
 CAPTURES = Path(__file__).parent / "captures" / "claude-2.1.197"
 FITTING = ["bare-title", "bare-main", "tools-main"]
@@ -124,8 +123,7 @@ def test_probe_is_answered(real_server):
 
 # --- The real CLI against the real server ------------------------------------------
 
-CLAUDE = shutil.which("claude", path=str(ROOT / ".claude-cli" / "node_modules" / ".bin")) \
-    or shutil.which("claude")
+CLAUDE = claude_cli()
 needs_cli = pytest.mark.skipif(CLAUDE is None, reason="Claude Code CLI not installed "
                                "(make test installs it with npm)")
 

@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -11,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, free_port, wait_healthy  # noqa: F401
+from conftest import ROOT, claude_cli, free_port, wait_healthy  # noqa: F401
 
 OPTIONS = {"--host": "PENSIEVE_HOST", "--port": "PENSIEVE_PORT",
            "--model": "PENSIEVE_MODEL", "--api-key": "PENSIEVE_API_KEY",
@@ -19,7 +18,10 @@ OPTIONS = {"--host": "PENSIEVE_HOST", "--port": "PENSIEVE_PORT",
            "--log-level": "PENSIEVE_LOG_LEVEL",
            "--default-temperature": "PENSIEVE_DEFAULT_TEMPERATURE",
            "--alias": "PENSIEVE_ALIASES",
-           "--prompt-cache-mb": "PENSIEVE_PROMPT_CACHE_MB"}
+           "--prompt-cache-mb": "PENSIEVE_PROMPT_CACHE_MB",
+           "--context-window": "PENSIEVE_CONTEXT_WINDOW",
+           "--rope-scaling": "PENSIEVE_ROPE_SCALING",
+           "--kv-memory-mb": "PENSIEVE_KV_MEMORY_MB"}
 
 
 def pensieve(*args, env=None, code=None, timeout=120):
@@ -131,10 +133,15 @@ def test_setup_claude_code_merges_backs_up_and_undoes(tmp_path):
     assert out.returncode == 0, out.stderr
     merged = json.loads(settings.read_text())
     assert merged["model"] == "opus" and merged["permissions"] == original["permissions"]
+    served = {name: "SmolLM2-135M-Instruct" for name in MODEL_VARIABLES}
     assert merged["env"] == {"FOO": "1", "API_TIMEOUT_MS": "1800000",
                              "ANTHROPIC_BASE_URL": "http://127.0.0.1:7788",
                              "ANTHROPIC_AUTH_TOKEN": "k",
-                             "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
+                             "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+                             # the served name, not a claude-* one, and the real
+                             # window: the embedded model served at 32k
+                             **served, "CLAUDE_CODE_MAX_CONTEXT_TOKENS": "32768",
+                             "CLAUDE_CODE_GATEWAY_HINT_HEADERS": "1"}
     backup = json.loads((tmp_path / "settings.json.pensieve-backup.json").read_text())
     assert backup["settings"] == original
     again = setup(tmp_path, "--port", "7788", "--api-key", "k", "setup-claude-code")
@@ -144,6 +151,38 @@ def test_setup_claude_code_merges_backs_up_and_undoes(tmp_path):
     assert undo.returncode == 0, undo.stderr
     assert json.loads(settings.read_text()) == original
     assert not (tmp_path / "settings.json.pensieve-backup.json").exists()
+
+
+MODEL_VARIABLES = ("ANTHROPIC_MODEL", "ANTHROPIC_DEFAULT_OPUS_MODEL",
+                   "ANTHROPIC_DEFAULT_SONNET_MODEL", "ANTHROPIC_DEFAULT_HAIKU_MODEL",
+                   "ANTHROPIC_SMALL_FAST_MODEL")
+
+
+def test_undo_restores_what_an_older_set_up_never_touched(tmp_path):
+    """A user who ran an older Pensieve's set-up (four variables backed up),
+    then set a model of their own, then ran this one: --undo gives back their
+    model and window, and what the older set-up replaced."""
+    settings = tmp_path / "settings.json"
+    before = {"env": {"ANTHROPIC_BASE_URL": "https://proxy.example", "KEEP": "1"}}
+    older = {"env": {"ANTHROPIC_BASE_URL": "http://127.0.0.1:7777",
+                     "ANTHROPIC_AUTH_TOKEN": "pensieve-local-token",
+                     "API_TIMEOUT_MS": "1800000",
+                     "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "KEEP": "1",
+                     "ANTHROPIC_MODEL": "my-model", "CLAUDE_CODE_MAX_CONTEXT_TOKENS": "9"}}
+    settings.write_text(json.dumps(older))
+    (tmp_path / "settings.json.pensieve-backup.json").write_text(json.dumps({
+        "env": {"ANTHROPIC_BASE_URL": "https://proxy.example", "ANTHROPIC_AUTH_TOKEN": None,
+                "API_TIMEOUT_MS": None, "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": None},
+        "settings": before}))
+    out = setup(tmp_path, "--context-window", "16384", "setup-claude-code")
+    assert out.returncode == 0, out.stderr
+    env = json.loads(settings.read_text())["env"]
+    assert env["ANTHROPIC_MODEL"] == "SmolLM2-135M-Instruct"
+    assert env["CLAUDE_CODE_MAX_CONTEXT_TOKENS"] == "16384"
+    assert setup(tmp_path, "setup-claude-code", "--undo").returncode == 0
+    assert json.loads(settings.read_text()) == {"env": {
+        "ANTHROPIC_BASE_URL": "https://proxy.example", "KEEP": "1",
+        "ANTHROPIC_MODEL": "my-model", "CLAUDE_CODE_MAX_CONTEXT_TOKENS": "9"}}
 
 
 def test_setup_claude_code_creates_missing_settings(tmp_path):
@@ -167,8 +206,7 @@ def test_setup_claude_code_leaves_a_corrupt_file_alone(tmp_path):
     assert list(tmp_path.iterdir()) == [settings]
 
 
-CLAUDE = shutil.which("claude", path=str(ROOT / ".claude-cli" / "node_modules" / ".bin")) \
-    or shutil.which("claude")
+CLAUDE = claude_cli()
 
 
 @pytest.mark.skipif(CLAUDE is None, reason="Claude Code CLI not installed")

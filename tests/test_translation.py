@@ -2,6 +2,7 @@
 and the stop-sequence matcher. No sockets, no model."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -345,3 +346,149 @@ def test_tool_fields_are_checked(extra, field):
     with pytest.raises(ApiError) as e:
         parse(**extra)
     assert e.value.status == 400 and field in e.value.message
+
+
+# --- Claude Code 2.1.33x: tool search, system messages, effort, thinking ----------
+
+CAPTURES_332 = sorted((Path(__file__).parent / "captures" / "claude-2.1.332").glob("*.json"))
+WEB_FETCH = {"name": "WebFetch", "description": "Fetch a URL.",
+             "input_schema": {"type": "object", "properties": {"url": {"type": "string"}}}}
+
+
+@pytest.mark.parametrize("path", [p for p in CAPTURES_332 if p.name != "probe.json"],
+                         ids=lambda p: p.stem)
+def test_every_captured_request_parses(path):
+    body = json.loads(path.read_text())["body"]
+    req = parse_messages_request(json.dumps(body).encode())
+    offered = {t["name"] for t in req.generation.offered}
+    assert "DeferredToolPlaceholder" not in offered
+    assert not any(t["name"] == "DeferredToolPlaceholder" for t in req.generation.tools)
+
+
+def deferred_body(**extra):
+    return {"tools": [TOOLS[0], {**WEB_FETCH, "defer_loading": True},
+                      {"name": "DeferredToolPlaceholder", "description": "never call",
+                       "input_schema": {"type": "object"}, "defer_loading": True}],
+            **extra}
+
+
+def test_deferred_tools_cost_nothing_until_a_tool_reference_loads_them():
+    first = parse(**deferred_body()).generation
+    assert first.tools == TOOLS and first.offered == TOOLS
+    call = {"type": "tool_use", "id": "toolu_1", "name": "ToolSearch",
+            "input": {"query": "select:WebFetch"}}
+    loaded = parse(**deferred_body(messages=[
+        {"role": "user", "content": "fetch it"},
+        {"role": "assistant", "content": [call]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1",
+             "content": [{"type": "tool_reference", "tool_name": "WebFetch"}]},
+            {"type": "text", "text": "Tool loaded."}]}],
+        tool_choice={"type": "tool", "name": "WebFetch"})).generation
+    assert loaded.tools == TOOLS  # the prompt's start is unchanged
+    assert [t["name"] for t in loaded.offered] == ["Read", "WebFetch"]
+    assert loaded.tool_choice == "WebFetch"
+    result = loaded.messages[2]
+    assert result.role == "tool" and result.tools == (WEB_FETCH,) and result.text == ""
+    text = render_text(Template(), loaded.messages, loaded.tools)
+    assert text.index('"name": "Read"') < text.index("<tool_response>\n<tools>\n"
+                                                     '{"name": "WebFetch"')
+
+
+def test_a_deferred_tool_not_loaded_cannot_be_forced():
+    with pytest.raises(ApiError) as info:
+        parse(**deferred_body(tool_choice={"type": "tool", "name": "WebFetch"}))
+    assert "tool_choice.name" in info.value.message
+
+
+def test_tool_additions_and_removals_take_effect_where_they_stand():
+    gen = parse(**deferred_body(messages=[
+        {"role": "user", "content": "a"},
+        {"role": "system", "content": [
+            {"type": "tool_addition", "tool": {"type": "tool_reference", "name": "WebFetch"}},
+            {"type": "tool_removal", "tool": {"type": "tool_reference", "name": "Read"}},
+            {"type": "tool_addition", "tool": {"type": "tool_definition", "definition": {
+                "name": "Now", "input_schema": {"type": "object"}}}}]},
+        {"role": "user", "content": "b"}])).generation
+    assert [t["name"] for t in gen.offered] == ["WebFetch", "Now"]
+    note = gen.messages[1]
+    assert note.role == "system" and note.removed == ("Read",)
+    assert [t["name"] for t in note.tools] == ["WebFetch", "Now"]
+    text = render_text(Template(), gen.messages, gen.tools)
+    assert "No longer available: Read." in text
+
+
+def test_system_messages_empty_cleared_and_string_or_blocks_render_alike():
+    same = [parse(messages=[{"role": "user", "content": "a"},
+                            {"role": "system", "content": content}]).generation.messages
+            for content in ("note", [{"type": "text", "text": "note",
+                                      "cache_control": {"type": "ephemeral"}}])]
+    assert same[0] == same[1] == (Message("user", "a"), Message("system", "note"))
+    gen = parse(messages=[{"role": "user", "content": "a"},
+                          {"role": "system", "content": [], "output_config": {"effort": "low"}},
+                          {"role": "system", "content": "old", "clear_at": "next_user_message"},
+                          {"role": "user", "content": "b"},
+                          {"role": "system", "content": "new", "clear_at": "next_user_message"},
+                          {"role": "system", "content": [{"type": "future_block"}]}]).generation
+    assert gen.messages == (Message("user", "a"), Message("user", "b"),
+                            Message("system", "new"))
+
+
+@pytest.mark.parametrize("body, thinks", [
+    ({"thinking": {"type": "adaptive"}}, True),
+    ({"thinking": {"type": "adaptive"}, "output_config": {"effort": "low"}}, False),
+    ({"thinking": {"type": "adaptive"}, "output_config": {"effort": "low"},
+      "messages": [{"role": "user", "content": "hi"},
+                   {"role": "system", "content": [], "output_config": {"effort": "high"}}]},
+     True),
+    ({"thinking": {"type": "adaptive"}, "output_config": {"effort": "high"},
+      "messages": [{"role": "user", "content": "hi"},
+                   {"role": "system", "content": [], "output_config": {"effort": "low"}}]},
+     False),
+    ({"thinking": {"type": "enabled", "budget_tokens": 1024},
+      "output_config": {"effort": "low"}}, True),
+    ({}, None),
+])
+def test_effort_low_lets_adaptive_thinking_answer_at_once(body, thinks):
+    assert parse(**body).generation.thinking is thinks
+
+
+def test_omitted_thinking_round_trips_through_its_signature():
+    from engine import ThinkingDelta
+    from pensieve import thinking_from_signature
+
+    blocks = Blocks(sse=True, show_thinking=False)
+    events = b"".join(blocks.add(ThinkingDelta("let me see")) + blocks.add(TextDelta("4"))
+                      + blocks.finish())
+    assert b"thinking_delta" not in events and b"let me see" not in events
+    signature = blocks.content[0]["signature"]
+    assert blocks.content[0]["thinking"] == "" and thinking_from_signature(signature) == "let me see"
+    gen = parse(thinking={"type": "adaptive", "display": "omitted"},
+                context_management={"edits": [{"type": "clear_thinking_20251015",
+                                               "keep": "all"}]},
+                messages=[{"role": "user", "content": "2+2?"},
+                          {"role": "assistant", "content": [
+                              {"type": "thinking", "thinking": "", "signature": signature},
+                              {"type": "text", "text": "4"}]},
+                          {"role": "user", "content": "and 3+3?"}]).generation
+    assert gen.messages[1] == Message("assistant", "4", thinking="let me see")
+    assert thinking_from_signature("pensieve1.not-base64!") is None
+
+
+def test_clear_thinking_keeps_the_latest_turns():
+    def turn(n):
+        return [{"role": "user", "content": f"q{n}"},
+                {"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": f"t{n}", "signature": "s"},
+                    {"type": "text", "text": f"a{n}"}]}]
+
+    def thoughts(**extra):
+        gen = parse(thinking={"type": "adaptive"}, messages=turn(1) + turn(2) + turn(3)
+                    + [{"role": "user", "content": "q4"}], **extra).generation
+        return [m.thinking for m in gen.messages if m.role == "assistant"]
+
+    assert thoughts() == ["", "", "t3"]  # the API's default: the last turn's
+    keep = {"type": "clear_thinking_20251015", "keep": {"type": "thinking_turns", "value": 2}}
+    assert thoughts(context_management={"edits": [keep]}) == ["", "t2", "t3"]
+    every = {"type": "clear_thinking_20251015", "keep": "all"}
+    assert thoughts(context_management={"edits": [every]}) == ["t1", "t2", "t3"]
