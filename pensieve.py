@@ -38,8 +38,9 @@ from urllib.parse import unquote
 
 import h11
 
-from engine import (ROPE_SCALINGS, CountRequest, Failed, Finished, GenerationRequest, Message,
-                    TextDelta, ThinkingDelta, ToolCallEnd, ToolCallStart, ToolInputDelta)
+from engine import (ROPE_SCALINGS, ClearThinking, ClearToolUses, CountRequest, Failed,
+                    Finished, GenerationRequest, Message, TextDelta, ThinkingDelta,
+                    ToolCallEnd, ToolCallStart, ToolInputDelta)
 
 log = logging.getLogger("pensieve.http")
 
@@ -132,7 +133,7 @@ class Config:
     # Tokens served; None: the model's trained window (the embedded model:
     # 32768). Past the trained window RoPE is scaled by ``rope_scaling``.
     context_window: int | None = None
-    rope_scaling: str = "yarn"
+    rope_scaling: str = "yarn-notemp"
     # KV cache the running requests may hold together; None: a quarter of
     # the memory. A request that would not fit waits.
     kv_bytes: int | None = None
@@ -690,8 +691,8 @@ def parse_count_request(raw):
     body = _json_object(raw)
     prompt = _prompt(body)
     thinking, _ = _thinking(body)
-    messages = _clear_thinking(prompt.messages, body, thinking)
-    return body["model"], CountRequest(messages, prompt.tools)
+    return body["model"], CountRequest(prompt.messages, prompt.tools,
+                                       _context_edits(body, thinking))
 
 
 def _tool_choice(body, tools):
@@ -755,36 +756,58 @@ def _thinking(body):
     return kind, display if display in ("omitted", "updates") else "summarized"
 
 
-def _kept_thinking_turns(body, thinking):
-    """How many of the latest assistant turns keep their thinking in the
-    prompt (``context_management`` edit ``clear_thinking_20251015``), or
-    None for all."""
-    edits = body.get("context_management")
-    edits = edits.get("edits") if isinstance(edits, dict) else None
-    for edit in edits if isinstance(edits, list) else ():
-        if isinstance(edit, dict) and edit.get("type") == "clear_thinking_20251015":
+def _count_field(spec, kind, field, low=0):
+    """``{"type": kind, "value": N}`` -> N (None if ``spec`` is None)."""
+    if spec is None:
+        return None
+    value = spec.get("value") if isinstance(spec, dict) else None
+    if not isinstance(spec, dict) or spec.get("type") != kind or isinstance(value, bool) \
+            or not isinstance(value, int) or value < low:
+        raise invalid(field, f"Input should be {{'type': '{kind}', 'value': N}} with "
+                             f"N >= {low}")
+    return value
+
+
+def _context_edits(body, thinking):
+    """``context_management.edits`` as the engine applies them, in order:
+    ClearThinking (with thinking on and no such edit, the API's default of
+    keeping the last turn's) and ClearToolUses; other edits (compaction) are
+    not applied here."""
+    config = body.get("context_management")
+    edits = config.get("edits") if isinstance(config, dict) else None
+    out = []
+    for i, edit in enumerate(edits if isinstance(edits, list) else ()):
+        field = f"context_management.edits.{i}"
+        kind = edit.get("type") if isinstance(edit, dict) else None
+        if kind == "clear_thinking_20251015":
             keep = edit.get("keep", {"type": "thinking_turns",
                                      "value": DEFAULT_THINKING_TURNS})
-            if keep == "all" or (isinstance(keep, dict) and keep.get("type") == "all"):
-                return None
-            value = keep.get("value") if isinstance(keep, dict) else None
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise invalid("context_management.edits.keep",
-                              "Input should be 'all' or {'type': 'thinking_turns', "
-                              "'value': N} with N >= 1")
-            return value
-    return DEFAULT_THINKING_TURNS if thinking in ("enabled", "adaptive") else None
-
-
-def _clear_thinking(messages, body, thinking):
-    """Drop the thinking of assistant turns older than the kept ones."""
-    keep = _kept_thinking_turns(body, thinking)
-    if keep is None:
-        return messages
-    turns = [i for i, m in enumerate(messages) if m.role == "assistant"]
-    old = set(turns[:-keep])
-    return tuple(m._replace(thinking="") if i in old and m.thinking else m
-                 for i, m in enumerate(messages))
+            every = keep == "all" or (isinstance(keep, dict) and keep.get("type") == "all")
+            out.append(ClearThinking(None if every else _count_field(
+                keep, "thinking_turns", f"{field}.keep", low=1)))
+        elif kind == "clear_tool_uses_20250919":
+            trigger = edit.get("trigger")
+            uses = isinstance(trigger, dict) and trigger.get("type") == "tool_uses"
+            inputs = edit.get("clear_tool_inputs") or False
+            exclude = edit.get("exclude_tools") or []
+            keep = edit.get("keep")
+            if not isinstance(inputs, (bool, list)) or not isinstance(exclude, list):
+                raise invalid(field, "clear_tool_inputs should be a boolean or a list of "
+                                     "names, exclude_tools a list of names")
+            out.append(ClearToolUses(
+                trigger_tokens=None if uses else (_count_field(
+                    trigger, "input_tokens", f"{field}.trigger", low=1) or 100_000),
+                trigger_uses=_count_field(trigger, "tool_uses", f"{field}.trigger", 1)
+                if uses else None,
+                keep=3 if keep is None else _count_field(keep, "tool_uses", f"{field}.keep"),
+                clear_at_least=_count_field(edit.get("clear_at_least"), "input_tokens",
+                                            f"{field}.clear_at_least") or 0,
+                exclude=tuple(exclude),
+                clear_inputs=inputs if isinstance(inputs, bool) else tuple(inputs)))
+    if thinking in ("enabled", "adaptive") and not any(isinstance(e, ClearThinking)
+                                                       for e in out):
+        out.insert(0, ClearThinking(DEFAULT_THINKING_TURNS, implicit=True))
+    return tuple(out)
 
 
 def _thinks(thinking, effort):
@@ -823,7 +846,8 @@ def parse_messages_request(raw, default_temperature=1.0):
     choice, parallel = _tool_choice(body, prompt.callable)
     return MessagesRequest(model=model, stream=stream, thinking_display=display,
                            generation=GenerationRequest(
-        messages=_clear_thinking(prompt.messages, body, thinking), max_tokens=max_tokens,
+        messages=prompt.messages, max_tokens=max_tokens,
+        context_edits=_context_edits(body, thinking),
         tools=prompt.tools,
         callable_tools=None if prompt.callable == prompt.tools else prompt.callable,
         tool_choice=choice, parallel_calls=parallel,
@@ -863,14 +887,18 @@ def final_usage(finished):
                  finished.cached_tokens, finished.cache_created_tokens)
 
 
-def message_body(message_id, model, content, finished):
-    """The non-streaming response: ``content`` is the list of blocks."""
-    return {
+def message_body(message_id, model, content, finished, applied_edits=()):
+    """The non-streaming response: ``content`` is the list of blocks;
+    ``applied_edits``: the context edits that changed the prompt."""
+    body = {
         "id": message_id, "type": "message", "role": "assistant", "model": model,
         "content": content or [{"type": "text", "text": ""}],
         "stop_reason": finished.stop_reason, "stop_sequence": finished.stop_sequence,
         "usage": final_usage(finished),
     }
+    if applied_edits:
+        body["context_management"] = {"applied_edits": list(applied_edits)}
+    return body
 
 
 def sse_event(name, data):
@@ -891,17 +919,17 @@ def stream_ping_event():
     return sse_event("ping", {"type": "ping"})
 
 
-def stream_end_events(finished):
-    return [
-        sse_event("message_delta", {
-            "type": "message_delta",
-            "delta": {"stop_reason": finished.stop_reason,
-                      "stop_sequence": finished.stop_sequence},
-            # The final counts: the cache hit is known only once generation
-            # starts, after message_start went out with the whole prompt.
-            "usage": final_usage(finished)}),
-        sse_event("message_stop", {"type": "message_stop"}),
-    ]
+def stream_end_events(finished, applied_edits=()):
+    delta = {"type": "message_delta",
+             "delta": {"stop_reason": finished.stop_reason,
+                       "stop_sequence": finished.stop_sequence},
+             # The final counts: the cache hit is known only once generation
+             # starts, after message_start went out with the whole prompt.
+             "usage": final_usage(finished)}
+    if applied_edits:
+        delta["context_management"] = {"applied_edits": list(applied_edits)}
+    return [sse_event("message_delta", delta),
+            sse_event("message_stop", {"type": "message_stop"})]
 
 
 def new_tool_use_id():
@@ -1958,7 +1986,8 @@ class Server:
                 http.finished = msg
                 _log_content(http.request_id, blocks.content)
                 return await http.respond(200, message_body(
-                    new_message_id(), parsed.model, blocks.content, msg))
+                    new_message_id(), parsed.model, blocks.content, msg,
+                    accepted.applied_edits))
             elif isinstance(msg, _Disconnected):
                 raise ClientGone()
             elif not isinstance(msg, _Tick):
@@ -1975,12 +2004,13 @@ class Server:
         ticker = asyncio.create_task(_tick(queue))
         try:
             await self._stream_events(http, queue, Blocks(
-                show_thinking=parsed.thinking_display == "summarized"))
+                show_thinking=parsed.thinking_display == "summarized"),
+                accepted.applied_edits)
         finally:
             ticker.cancel()
         await http.send(h11.EndOfMessage())
 
-    async def _stream_events(self, http, queue, blocks):
+    async def _stream_events(self, http, queue, blocks, applied_edits):
         done = False
         while not done:
             # Everything that arrived since the last write goes out in one
@@ -2003,7 +2033,7 @@ class Server:
                 if isinstance(msg, Finished):
                     http.finished = msg
                     _log_content(http.request_id, blocks.content)
-                    events += blocks.finish() + stream_end_events(msg)
+                    events += blocks.finish() + stream_end_events(msg, applied_edits)
                 elif isinstance(msg, _Disconnected):
                     raise ClientGone()
                 else:
@@ -2353,10 +2383,11 @@ def parse_args(argv=None):
                              "(default: the trained window; the embedded model: "
                              "32768, trained on 8192)")
     parser.add_argument("--rope-scaling", choices=ROPE_SCALINGS,
-                        default=setting("ROPE_SCALING", "yarn"),
+                        default=setting("ROPE_SCALING", "yarn-notemp"),
                         help="how --context-window stretches RoPE past the trained "
-                             "window [PENSIEVE_ROPE_SCALING] (default %(default)s, "
-                             "measured best on the embedded model)")
+                             "window: YaRN without or with its attention temperature, "
+                             "linear, a fixed NTK base, Llama 3's [PENSIEVE_ROPE_SCALING] "
+                             "(default %(default)s, measured best on the embedded model)")
     parser.add_argument("--kv-memory-mb", type=_positive, default=setting("KV_MEMORY_MB"),
                         help="KV cache the running requests may hold together; a "
                              "request whose prompt and max_tokens would not fit "
@@ -2462,7 +2493,9 @@ def banner(config, server):
     url = env["ANTHROPIC_BASE_URL"]
     window = f"context window {model.context_window} tokens"
     if getattr(model, "rope_scaling", None):
-        window += f" (RoPE {model.rope_scaling}: recall past it is weaker)"
+        trained = model.trained_context_window
+        window += (f" (trained on {trained}, RoPE scaled {model.rope_scaling}: recall "
+                   f"from past {trained} is weaker)")
     return "\n".join([
         f"Pensieve is serving {model.name} at {url}",
         f"  model    {window}, "

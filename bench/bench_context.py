@@ -31,6 +31,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_decode import publish  # noqa: E402
 
 QUESTIONS = [("What is the capital of France?", "Paris"),
              ("What is 2+2?", "4"),
@@ -60,9 +63,9 @@ NEEDLE = f"\nImportant: the secret code word is {CODE_WORD}. Remember it.\n"
 # a scaling must keep.
 QUESTION = "\n\nImportant: the secret code word is"
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
-# Variants measured beside the server's own kinds: YaRN without its
-# attention temperature, and a fixed NTK base for twice the factor.
-VARIANTS = {"yarn-notemp": ("yarn", 1, {"mscale": 0}), "ntk-x2": ("ntk", 2, {})}
+# A variant measured beside the server's own kinds: a fixed NTK base for
+# twice the factor. (yarn-tX: YaRN with its temperature's mscale at X.)
+VARIANTS = {"ntk-x2": ("ntk", 2, {})}
 LOSS_TOKENS = 1024
 LOSS_REFERENCE = 2048
 PREFILL_CHUNK = 2048
@@ -224,15 +227,12 @@ def main():
               flush=True)
         if args.json:  # after each, so a cut-off run keeps what it measured
             Path(args.json).write_text(json.dumps(results, indent=1))
-    text = table(results, lengths, args.window)
-    print(text)
-    if args.record:
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write(f"\n## Context window past training: RoPE scalings ({date.today()})\n\n"
-                    f"`python bench/bench_context.py MODEL --window {args.window} "
-                    f"--scalings {args.scalings} --lengths {args.lengths}`; "
-                    f"{platform.node() or platform.machine()}, mlx {mx.__version__}, "
-                    f"{mx.default_device()}, float32 weights.\n\n{text}\n")
+    publish(f"## Context window past training: RoPE scalings ({date.today()})\n\n"
+            f"`python bench/bench_context.py MODEL --window {args.window} "
+            f"--scalings {args.scalings} --lengths {args.lengths}`; "
+            f"{platform.node() or platform.machine()}, mlx {mx.__version__}, "
+            f"{mx.default_device()}, float32 weights.\n\n"
+            + table(results, lengths, args.window), args.record)
 
 
 if __name__ == "__main__":

@@ -35,8 +35,9 @@ from dataclasses import dataclass
 from . import grammar as grammars
 from .models import ModelError, load, physical_memory
 from .progress import step
-from .text import (PromptEncoder, RenderError, StopMatcher, render_prompt,
-                   template_takes_tools)
+from .text import (ClearThinking, ClearToolUses, PromptEncoder, RenderError, StopMatcher,
+                   clear_thinking, clear_tool_uses, render_prompt, template_takes_tools,
+                   tool_uses)
 from .tools import (FALLBACK_FORMAT, JSON_TOOLS_FORMAT, CallFormat, OutputParser,
                     TextDelta, ThinkingDelta, ToolCallEnd, ToolCallStart,
                     ToolInputDelta, grammar)
@@ -97,6 +98,9 @@ class GenerationRequest:
     # The client marked parts of the prompt with cache_control: the prompt
     # tokens this request reads are reported as cache creation, not input.
     cache_hint: bool = False
+    # ClearThinking / ClearToolUses (engine.text), applied in order before
+    # the prompt is tokenized (the API's context_management.edits).
+    context_edits: tuple = ()
 
     @property
     def offered(self):
@@ -110,6 +114,7 @@ class CountRequest:
 
     messages: tuple
     tools: tuple = ()
+    context_edits: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,9 @@ class Accepted:
     input_tokens: int
     max_tokens: int
     constrained: bool = False
+    # The context edits that changed the prompt, as the API reports them
+    # (context_management.applied_edits): dicts.
+    applied_edits: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -249,7 +257,7 @@ class Engine:
 
     def __init__(self, model_spec=None, cpu_weights="float32", cache_bytes=None,
                  max_running=DEFAULT_MAX_RUNNING, prefill_chunk=None, constrain=True,
-                 context_window=None, rope_scaling="yarn", kv_bytes=None):
+                 context_window=None, rope_scaling="yarn-notemp", kv_bytes=None):
         self._spec = model_spec
         self._window = context_window  # None: the model's (see models.load)
         self._rope_scaling = rope_scaling
@@ -408,9 +416,9 @@ class Engine:
                 tokens = self.model.tokenizer.encode("Hello") or [0]
                 cache = make_prompt_cache(self.model.model)
                 mx.eval(self.model.model(mx.array([tokens]), cache=cache))
-                state = [a for c in cache for a in c.state]
-                mx.eval(state)
-                self._kv_per_token = sum(a.nbytes for a in state) // len(tokens)
+                # Caches allocate in steps: bytes over the positions allocated.
+                self._kv_per_token = sum(c.nbytes // c.keys.shape[-2] for c in cache
+                                         if getattr(c, "keys", None) is not None)
         except Exception as e:  # a model that needs more than tokens: serve anyway
             log.warning("warm-up skipped (%s): the first request pays for it", e)
         mx.clear_cache()
@@ -470,8 +478,7 @@ class Engine:
                 if request.tool_choice not in ("auto", "none") or (
                         request.answer_schema is not None and not thinking):
                     thinking = False
-            prompt = render_prompt(self.model.tokenizer, request.messages,
-                                   request.tools, self._encode, thinking)
+            prompt, applied = self._render(request, thinking)
         except RenderError as e:
             job.deliver(Failed("invalid_request", str(e)))
             return
@@ -501,12 +508,44 @@ class Engine:
             log.exception("grammar set-up failed (job %d)", job.id)
             job.deliver(Failed("internal", f"grammar set-up failed: {e}"))
             return
-        job.deliver(Accepted(len(prompt), max_tokens, constraint is not None))
+        job.deliver(Accepted(len(prompt), max_tokens, constraint is not None, applied))
         log.debug("job %d: %d prompt tokens, rendered, tokenized and constrained in "
                   "%.1f ms", job.id, len(prompt), (time.perf_counter() - started) * 1000)
         self._waiting.append(_Slot(job, prompt, max_tokens,
                                    self.model.tokenizer.detokenizer, parser, constraint,
                                    kv_bytes=(len(prompt) + max_tokens) * self._kv_per_token))
+
+    def _render(self, request, thinking):
+        """The prompt tokens after the request's context edits, and the edits
+        that changed it (each with the tokens it freed)."""
+        def render(messages):
+            return render_prompt(self.model.tokenizer, messages, request.tools,
+                                 self._encode, thinking)
+
+        messages = request.messages
+        prompt, applied = render(messages), []
+        for edit in request.context_edits:
+            if isinstance(edit, ClearThinking):
+                edited, cleared = clear_thinking(messages, edit)
+            elif (edit.trigger_tokens is not None and len(prompt) > edit.trigger_tokens) \
+                    or (edit.trigger_uses is not None
+                        and tool_uses(messages) > edit.trigger_uses):
+                edited, cleared = clear_tool_uses(messages, edit)
+            else:
+                continue
+            if not cleared:
+                continue
+            shorter = render(edited)
+            freed = len(prompt) - len(shorter)
+            if isinstance(edit, ClearToolUses) and freed < edit.clear_at_least:
+                continue
+            messages, prompt = edited, shorter
+            if not getattr(edit, "implicit", False):
+                what = ("cleared_thinking_turns" if isinstance(edit, ClearThinking)
+                        else "cleared_tool_uses")
+                applied.append({"type": edit.type, what: cleared,
+                                "cleared_input_tokens": freed})
+        return prompt, tuple(applied)
 
     # What comes out: the call format, thinking, and the grammar.
 
@@ -617,7 +656,10 @@ class Engine:
             self._guarded(slot, self._start_batched, slot)
 
     def _kv_in_use(self):
-        slots = [*self._running.values(), *([self._solo.slot] if self._solo else [])]
+        """The KV the running requests reserve (also read by stats() from
+        other threads: one read of each field)."""
+        solo = self._solo
+        slots = [*self._running.values(), *([solo.slot] if solo is not None else [])]
         return sum(slot.kv_bytes for slot in slots)
 
     def _head_fits(self):

@@ -29,8 +29,9 @@ EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 # The embedded model is trained on 8,192 tokens; Claude Code's default request
 # (its tool set) is ~12k of its tokens and the CLI keeps up to 20k of the
-# window for the answer, so it is served at 32,768 with YaRN (the scaling
-# that kept the most, measured in bench/RESULTS.md).
+# window for the answer, so it is served at 32,768, with YaRN's interpolation
+# without its attention temperature (measured in bench/RESULTS.md: the one
+# that keeps its answers in Claude Code's prompts and reads long ones well).
 EMBEDDED_CONTEXT_WINDOW = 32768
 # Bump when the importer's output changes, so stale imports are redone.
 IMPORT_VERSION = 1
@@ -47,7 +48,7 @@ FALLBACK_CONTEXT_WINDOW = 4096
 # rope types, or a fixed NTK base): none depends on the sequence length at
 # call time, so a token's key is the same whatever the chunking, the cache
 # hit or the batch row. mlx-lm's "dynamic" NTK does, and is replaced.
-ROPE_SCALINGS = ("yarn", "linear", "ntk", "llama3")
+ROPE_SCALINGS = ("yarn-notemp", "yarn", "linear", "ntk", "llama3")
 # Debian's threaded OpenBLAS (package libopenblas0-pthread). MLX's Linux CPU
 # wheel bundles the reference BLAS, which is many times slower for the fp32
 # matrix products of prefill.
@@ -143,14 +144,19 @@ def rope_config(config, kind, factor):
     """The config changes that serve ``factor`` times the model's trained
     window (``config["max_position_embeddings"]``) with RoPE scaling ``kind``:
     ``linear`` (positions interpolated), ``yarn`` (NTK-by-parts interpolation
-    with its attention temperature), ``ntk`` (a larger fixed base) or
-    ``llama3`` (Llama 3.1's band-wise interpolation)."""
+    with its attention temperature), ``yarn-notemp`` (the same without the
+    temperature, which a model not trained for YaRN answers worse with),
+    ``ntk`` (a larger fixed base) or ``llama3`` (Llama 3.1's band-wise
+    interpolation)."""
     trained = config["max_position_embeddings"]
     if kind == "linear":
         return {"rope_scaling": {"type": "linear", "factor": factor}}
-    if kind == "yarn":
-        return {"rope_scaling": {"type": "yarn", "factor": factor,
-                                 "original_max_position_embeddings": trained}}
+    if kind in ("yarn", "yarn-notemp"):
+        scaling = {"type": "yarn", "factor": factor,
+                   "original_max_position_embeddings": trained}
+        if kind == "yarn-notemp":
+            scaling["mscale"] = 0  # mlx-lm's YarnRoPE: a temperature of 1
+        return {"rope_scaling": scaling}
     if kind == "llama3":
         return {"rope_scaling": {"rope_type": "llama3", "factor": factor,
                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -256,7 +262,7 @@ def dequantize_model(model):
     mx.eval(model.parameters())
 
 
-def window_config(config, window=None, kind="yarn"):
+def window_config(config, window=None, kind="yarn-notemp"):
     """(window, trained, overrides, scaling): the window served, the one
     trained, the config changes that serve it, and a description of the RoPE
     scaling (None: none). ``window`` None: the trained one."""
@@ -278,10 +284,10 @@ def window_config(config, window=None, kind="yarn"):
                          f"{trained}-token window; --context-window can be at most {trained}")
     factor = window / trained
     return window, trained, {**overrides, **rope_config(config, kind, factor)}, \
-        f"{kind} x{factor:g} (trained on {trained} tokens)"
+        f"{kind} x{factor:g}"
 
 
-def load(spec, cpu_weights="float32", context_window=None, rope_scaling="yarn"):
+def load(spec, cpu_weights="float32", context_window=None, rope_scaling="yarn-notemp"):
     """Load the model named by ``spec`` (see ``resolve``) for generation,
     serving ``context_window`` tokens (None: the trained window; for the
     embedded model EMBEDDED_CONTEXT_WINDOW) with ``rope_scaling`` past it."""
@@ -317,7 +323,10 @@ def load(spec, cpu_weights="float32", context_window=None, rope_scaling="yarn"):
                         "fit comfortably in memory", name)
     if scaling:
         log.info("serving %d tokens, past the %d the model was trained on, with a "
-                 "fixed RoPE scaling: %s", window, trained, scaling)
+                 "fixed RoPE scaling (%s)", window, trained, scaling)
+    inner = getattr(tokenizer, "_tokenizer", None)
+    if getattr(inner, "model_max_length", None) is not None:
+        inner.model_max_length = window  # else it warns on every longer prompt
     return LoadedModel(model, tokenizer, name, window, device, weights,
                        trained_context_window=trained, rope_scaling=scaling)
 

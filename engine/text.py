@@ -8,6 +8,7 @@ Never: runs the model. Pure given a tokenizer, so tests drive it directly.
 """
 
 import json
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from .tools import call_text
@@ -38,6 +39,79 @@ class Message(NamedTuple):
     is_error: bool = False
     tools: tuple = ()
     removed: tuple = ()
+
+
+# --- Context edits: what the API's context_management clears before rendering ---
+
+# What a cleared tool result reads as.
+CLEARED_RESULT = "[this tool result was cleared to save context]"
+
+
+@dataclass(frozen=True)
+class ClearThinking:
+    """``clear_thinking_20251015``: the thinking of assistant turns older than
+    the last ``keep`` is dropped (None: all kept). ``implicit``: the API's
+    default with thinking on, not reported as an applied edit."""
+
+    keep: int | None = 1
+    implicit: bool = False
+    type: str = "clear_thinking_20251015"
+
+
+@dataclass(frozen=True)
+class ClearToolUses:
+    """``clear_tool_uses_20250919``: once the prompt passes ``trigger_tokens``
+    (or the conversation ``trigger_uses`` tool uses), the oldest tool results
+    but the last ``keep`` are replaced by a note (their calls' inputs too,
+    with ``clear_inputs``: True, or the names listed), tools in ``exclude``
+    never; applied only if it frees at least ``clear_at_least`` tokens."""
+
+    trigger_tokens: int | None = 100_000
+    trigger_uses: int | None = None
+    keep: int = 3
+    clear_at_least: int = 0
+    exclude: tuple = ()
+    clear_inputs: bool | tuple = False
+    type: str = "clear_tool_uses_20250919"
+
+
+def clear_thinking(messages, edit):
+    """``messages`` with the thinking of the older assistant turns dropped,
+    and how many turns lost theirs."""
+    if edit.keep is None:
+        return messages, 0
+    turns = [i for i, m in enumerate(messages) if m.role == "assistant"]
+    old = {i for i in turns[:-edit.keep] if messages[i].thinking}
+    return tuple(m._replace(thinking="") if i in old else m
+                 for i, m in enumerate(messages)), len(old)
+
+
+def tool_uses(messages):
+    """How many tool calls the conversation holds."""
+    return sum(len(m.calls) for m in messages if m.role == "assistant")
+
+
+def clear_tool_uses(messages, edit):
+    """``messages`` with the oldest tool results (all but the last
+    ``edit.keep``, outside ``edit.exclude``) replaced by CLEARED_RESULT, and
+    how many were cleared. Tools a result loaded stay loaded."""
+    names = {call_id: name for m in messages if m.role == "assistant"
+             for call_id, name, _ in m.calls}
+    results = [i for i, m in enumerate(messages)
+               if m.role == "tool" and names.get(m.call_id) not in edit.exclude]
+    cleared = set(results[:max(len(results) - edit.keep, 0)])
+    ids = {messages[i].call_id for i in cleared}
+    out = []
+    for i, m in enumerate(messages):
+        if i in cleared:
+            m = m._replace(text=CLEARED_RESULT, is_error=False)
+        elif m.role == "assistant" and edit.clear_inputs and m.calls:
+            m = m._replace(calls=tuple(
+                (call_id, name, {} if call_id in ids and (
+                    edit.clear_inputs is True or name in edit.clear_inputs) else args)
+                for call_id, name, args in m.calls))
+        out.append(m)
+    return tuple(out), len(cleared)
 
 
 def _as_message(m):

@@ -6,6 +6,7 @@ and fault cases; the real SmolLM2 end to end through a real server process.
 """
 
 import asyncio
+import dataclasses
 import json
 import os
 import socket
@@ -22,7 +23,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine import Accepted, Failed, Finished, TextDelta  # noqa: E402
+from engine import (Accepted, Failed, Finished, GenerationRequest, TextDelta,  # noqa: E402
+                    ToolCallEnd, ToolCallStart, ToolInputDelta)
 from engine.models import use_openblas  # noqa: E402
 
 # Before any fixture imports MLX, as the server does before loading: engines
@@ -210,6 +212,63 @@ def real_server(cache_dir, smollm_dir):
     server = PensieveProcess(cache_dir, "--context-window", "8192")
     yield server.url
     server.stop()
+
+
+# --- The real engine with scripted tool calls --------------------------------
+
+
+class ScriptedCalls:
+    """The real engine, except that a request offering the tool of the next
+    scripted call is answered with that call: the embedded 135M model never
+    decides to call a tool by itself. Such a request is still read by the
+    real engine (to its first token), so its prompt lands in the prompt cache
+    as a real turn's would. Records every GenerationRequest with what was
+    delivered for it, and the engine's own Finished."""
+
+    def __init__(self, real):
+        self.real = real
+        self.calls = []  # (name, input) to answer, in order
+        self.seen = []  # (GenerationRequest, [messages delivered], engine Finished)
+
+    def __getattr__(self, name):  # start, wait_loaded, stop, stats, model, ...
+        return getattr(self.real, name)
+
+    def submit(self, request, deliver):
+        if not isinstance(request, GenerationRequest):
+            return self.real.submit(request, deliver)  # token counts
+        sent = []
+        entry = [request, sent, None]
+        self.seen.append(entry)
+        offered = {t["name"] for t in request.offered}
+        if not (self.calls and self.calls[0][0] in offered):
+            def record(msg):
+                sent.append(msg)
+                if isinstance(msg, Finished):
+                    entry[2] = msg
+                deliver(msg)
+
+            return self.real.submit(request, record)
+        name, arguments = self.calls.pop(0)
+        script = [ToolCallStart(name), ToolInputDelta(json.dumps(arguments)),
+                  ToolCallEnd(arguments)]
+
+        def read_then_call(msg):
+            if isinstance(msg, Accepted):
+                out = [msg]
+            elif isinstance(msg, Finished):
+                entry[2] = msg
+                out = script + [dataclasses.replace(msg, stop_reason="tool_use",
+                                                    output_tokens=len(script))]
+            elif isinstance(msg, Failed):
+                out = [msg]
+            else:
+                return  # the model's own first token: replaced by the call
+            for m in out:
+                sent.append(m)
+                deliver(m)
+
+        return self.real.submit(dataclasses.replace(request, max_tokens=1), read_then_call)
+
 
 
 # --- A scripted engine for timing and fault cases ------------------------------

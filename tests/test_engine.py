@@ -384,3 +384,95 @@ def test_a_schema_the_grammar_cannot_take_is_a_400(engine):
     _, msgs = run(engine, greedy(tools=(bad,), tool_choice="any"))
     assert isinstance(msgs[-1], Failed) and msgs[-1].kind == "invalid_request"
     assert "cannot constrain" in msgs[-1].message
+
+
+def test_requests_whose_kv_would_not_fit_wait_their_turn(tiny_model_dir, caplog):
+    """KV-bounded admission: a budget of 1.5 full windows runs one
+    full-window request at a time; the second waits, then runs; a small one
+    that fits beside the first runs at once (requests go in order)."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pensieve.engine")
+    per_token = 2 * 2 * 2 * 16 * 4  # layers x (K, V) x KV heads x head dim x float32
+    eng = Engine(str(tiny_model_dir), cpu_weights="stored", kv_bytes=int(1.5 * 256 * per_token))
+    eng.start()
+    eng.wait_loaded(120)
+    try:
+        assert eng.stats()["kv_bytes_per_token"] == per_token
+        order, done = [], threading.Event()
+
+        def watch(name):
+            def deliver(msg):
+                if isinstance(msg, (Finished, Failed)):
+                    order.append((name, type(msg).__name__))
+                    if len(order) == 2:
+                        done.set()
+            return deliver
+
+        big = greedy(max_tokens=1000)  # clamped to the window: reserves all 256
+        eng.submit(big, watch("first"))
+        eng.submit(big, watch("second"))
+        assert done.wait(TIMEOUT)
+        assert order == [("first", "Finished"), ("second", "Finished")]
+        assert "waits for KV memory" in caplog.text
+    finally:
+        eng.stop(10)
+
+
+def test_a_window_beyond_the_kv_budget_is_refused_at_load(tiny_model_dir):
+    eng = Engine(str(tiny_model_dir), cpu_weights="stored", kv_bytes=1000)
+    eng.start()
+    with pytest.raises(ModelError, match="--context-window"):
+        eng.wait_loaded(120)
+    eng.stop(10)
+
+
+def test_context_window_past_training_scales_rope_fixed(tiny_model_dir):
+    """Past the trained 256 tokens the window is served with YaRN; the same
+    prompt read in one piece or in two chunks gives the same next token (a
+    fixed scaling: keys do not depend on the call's length)."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    eng = Engine(str(tiny_model_dir), cpu_weights="stored", context_window=1024,
+                 rope_scaling="yarn")
+    eng.start()
+    try:
+        model = eng.wait_loaded(120)
+        assert (model.context_window, model.trained_context_window) == (1024, 256)
+        assert model.rope_scaling.startswith("yarn x4")
+        tokens = mx.array([list(range(100, 700))])
+        whole = model.model(tokens, cache=make_prompt_cache(model.model))[0, -1]
+        cache = make_prompt_cache(model.model)
+        model.model(tokens[:, :300], cache=cache)
+        split = model.model(tokens[:, 300:], cache=cache)[0, -1]
+        assert mx.allclose(whole, split, atol=1e-4).item()
+    finally:
+        eng.stop(10)
+
+
+def test_context_edits_apply_before_tokenizing_and_counts_agree(engine):
+    """clear_tool_uses once past its trigger: the prompt shrinks, the answer
+    reports what was cleared, and count_tokens counts the edited prompt."""
+    from engine import ClearToolUses, CountRequest, Counted, Message
+
+    messages = [Message("user", "go")]
+    for n in range(3):
+        messages += [Message("assistant", calls=((f"toolu_{n}", "Bash", {"command": "ls"}),)),
+                     Message("tool", "a listing " * 6, call_id=f"toolu_{n}", name="Bash")]
+    edit = ClearToolUses(trigger_tokens=None, trigger_uses=2, keep=1)
+    _, plain = run(engine, GenerationRequest(messages=tuple(messages), max_tokens=2,
+                                             temperature=0.0))
+    _, edited = run(engine, GenerationRequest(messages=tuple(messages), max_tokens=2,
+                                              temperature=0.0, context_edits=(edit,)))
+    (applied,) = edited[0].applied_edits
+    assert applied["type"] == "clear_tool_uses_20250919" and applied["cleared_tool_uses"] == 2
+    assert applied["cleared_input_tokens"] == plain[0].input_tokens - edited[0].input_tokens > 0
+    _, counted = run_count(engine, CountRequest(tuple(messages), context_edits=(edit,)))
+    assert counted == Counted(edited[0].input_tokens)
+
+
+def run_count(engine, request):
+    out = queue.Queue()
+    job = engine.submit(request, out.put)
+    return job, out.get(timeout=TIMEOUT)

@@ -476,6 +476,8 @@ def test_omitted_thinking_round_trips_through_its_signature():
 
 
 def test_clear_thinking_keeps_the_latest_turns():
+    from engine.text import ClearThinking, clear_thinking
+
     def turn(n):
         return [{"role": "user", "content": f"q{n}"},
                 {"role": "assistant", "content": [
@@ -485,10 +487,55 @@ def test_clear_thinking_keeps_the_latest_turns():
     def thoughts(**extra):
         gen = parse(thinking={"type": "adaptive"}, messages=turn(1) + turn(2) + turn(3)
                     + [{"role": "user", "content": "q4"}], **extra).generation
-        return [m.thinking for m in gen.messages if m.role == "assistant"]
+        (edit,) = [e for e in gen.context_edits if isinstance(e, ClearThinking)]
+        messages, cleared = clear_thinking(gen.messages, edit)
+        return [m.thinking for m in messages if m.role == "assistant"], edit.implicit
 
-    assert thoughts() == ["", "", "t3"]  # the API's default: the last turn's
+    assert thoughts() == (["", "", "t3"], True)  # the API's default: the last turn's
     keep = {"type": "clear_thinking_20251015", "keep": {"type": "thinking_turns", "value": 2}}
-    assert thoughts(context_management={"edits": [keep]}) == ["", "t2", "t3"]
+    assert thoughts(context_management={"edits": [keep]}) == (["", "t2", "t3"], False)
     every = {"type": "clear_thinking_20251015", "keep": "all"}
-    assert thoughts(context_management={"edits": [every]}) == ["t1", "t2", "t3"]
+    assert thoughts(context_management={"edits": [every]}) == (["t1", "t2", "t3"], False)
+    assert "keep" in bad({"model": "m", "max_tokens": 5, "messages": [
+        {"role": "user", "content": "x"}], "context_management": {"edits": [
+            {"type": "clear_thinking_20251015", "keep": {"type": "thinking_turns",
+                                                        "value": 0}}]}})
+
+
+def test_clear_tool_uses_replaces_the_oldest_results():
+    from engine.text import CLEARED_RESULT, ClearToolUses, clear_tool_uses
+
+    def round_(n, name="Bash"):
+        return [{"role": "assistant", "content": [
+                    {"type": "tool_use", "id": f"toolu_{n}", "name": name,
+                     "input": {"command": f"cmd {n}"}}]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": f"toolu_{n}",
+                     "content": f"output {n}"}]}]
+
+    gen = parse(messages=[{"role": "user", "content": "go"}, *round_(1), *round_(2, "Read"),
+                          *round_(3), *round_(4)],
+                context_management={"edits": [{
+                    "type": "clear_tool_uses_20250919",
+                    "trigger": {"type": "tool_uses", "value": 2},
+                    "keep": {"type": "tool_uses", "value": 1},
+                    "exclude_tools": ["Read"], "clear_tool_inputs": True}]}).generation
+    (edit,) = gen.context_edits
+    assert edit == ClearToolUses(trigger_tokens=None, trigger_uses=2, keep=1,
+                                 exclude=("Read",), clear_inputs=True)
+    messages, cleared = clear_tool_uses(gen.messages, edit)
+    results = [m.text for m in messages if m.role == "tool"]
+    assert cleared == 2 and results == [CLEARED_RESULT, "output 2", CLEARED_RESULT, "output 4"]
+    inputs = [m.calls[0][2] for m in messages if m.role == "assistant"]
+    assert inputs == [{}, {"command": "cmd 2"}, {}, {"command": "cmd 4"}]
+
+
+def test_applied_edits_are_reported_as_the_api_does():
+    done = Finished("end_turn", None, 10, 2, 0.1, 5.0)
+    applied = ({"type": "clear_tool_uses_20250919", "cleared_tool_uses": 2,
+                "cleared_input_tokens": 40},)
+    body = message_body("msg_1", "m", [], done, applied)
+    assert body["context_management"] == {"applied_edits": list(applied)}
+    assert "context_management" not in message_body("msg_1", "m", [], done)
+    delta = json.loads(stream_end_events(done, applied)[0].split(b"data: ")[1])
+    assert delta["context_management"] == {"applied_edits": list(applied)}
