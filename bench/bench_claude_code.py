@@ -43,7 +43,7 @@ NOTES = "\n".join(
     f"{i}. The build step {i} compiles module m{i} with flags -O2 and writes "
     f"out/m{i}.o; it depends on step {i - 1} and takes about {i * 3} seconds."
     for i in range(1, 13))
-MAX_OUTPUT = 256
+MAX_OUTPUT = 64
 
 
 class AccessLog(logging.Handler):
@@ -80,7 +80,10 @@ def main():
            **pensieve.claude_env(pensieve.Config(port=server.port),
                                  (server.server._model.name, 32768)),
            "CLAUDE_CONFIG_DIR": str(work / "claude-config"),
-           "CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(MAX_OUTPUT)}
+           "CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(MAX_OUTPUT),
+           # The model rarely ends its turn within the cap at this depth; the
+           # CLI would then compact after each capped answer (minutes here).
+           "DISABLE_AUTO_COMPACT": "1"}
     try:
         out = subprocess.run([args.cli, "-p", "What does notes.txt say about step 3?",
                               "--allowedTools", "Read"], cwd=work, env=env,

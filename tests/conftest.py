@@ -222,12 +222,17 @@ class ScriptedCalls:
     scripted call is answered with that call: the embedded 135M model never
     decides to call a tool by itself. Such a request is still read by the
     real engine (to its first token), so its prompt lands in the prompt cache
-    as a real turn's would. Records every GenerationRequest with what was
-    delivered for it, and the engine's own Finished."""
+    as a real turn's would; if that read fails (a prompt too long), the call
+    waits for the next request. A call may carry a third item, a test of the
+    request (say, its last user text), so side requests do not take it.
+    Records every GenerationRequest with what was delivered for it, and the
+    engine's own Finished."""
 
     def __init__(self, real):
         self.real = real
-        self.calls = []  # (name, input) to answer, in order
+        # (name, input[, when(request)]) to answer, in order; a name of None
+        # answers with the text ``input`` instead (a summary on demand).
+        self.calls = []
         self.seen = []  # (GenerationRequest, [messages delivered], engine Finished)
 
     def __getattr__(self, name):  # start, wait_loaded, stop, stats, model, ...
@@ -240,7 +245,9 @@ class ScriptedCalls:
         entry = [request, sent, None]
         self.seen.append(entry)
         offered = {t["name"] for t in request.offered}
-        if not (self.calls and self.calls[0][0] in offered):
+        call = self.calls[0] if self.calls else None
+        if not (call and (call[0] is None or call[0] in offered)
+                and (len(call) < 3 or call[2](request))):
             def record(msg):
                 sent.append(msg)
                 if isinstance(msg, Finished):
@@ -248,18 +255,22 @@ class ScriptedCalls:
                 deliver(msg)
 
             return self.real.submit(request, record)
-        name, arguments = self.calls.pop(0)
-        script = [ToolCallStart(name), ToolInputDelta(json.dumps(arguments)),
-                  ToolCallEnd(arguments)]
+        self.calls.pop(0)
+        name, arguments = call[:2]
+        script = [TextDelta(arguments)] if name is None else [
+            ToolCallStart(name), ToolInputDelta(json.dumps(arguments)),
+            ToolCallEnd(arguments)]
 
         def read_then_call(msg):
             if isinstance(msg, Accepted):
                 out = [msg]
             elif isinstance(msg, Finished):
                 entry[2] = msg
-                out = script + [dataclasses.replace(msg, stop_reason="tool_use",
-                                                    output_tokens=len(script))]
+                out = script + [dataclasses.replace(
+                    msg, stop_reason="end_turn" if name is None else "tool_use",
+                    output_tokens=len(script))]
             elif isinstance(msg, Failed):
+                self.calls.insert(0, call)
                 out = [msg]
             else:
                 return  # the model's own first token: replaced by the call
@@ -268,7 +279,6 @@ class ScriptedCalls:
                 deliver(m)
 
         return self.real.submit(dataclasses.replace(request, max_tokens=1), read_then_call)
-
 
 
 # --- A scripted engine for timing and fault cases ------------------------------

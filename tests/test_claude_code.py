@@ -152,7 +152,8 @@ def greedy_server(cache_dir, smollm_dir):
     server.stop()
 
 
-def run_claude(server, tmp_path, *args, cwd=None, max_output=1024, served=SERVED):
+def run_claude(server, tmp_path, *args, cwd=None, max_output=1024, served=SERVED,
+               extra_env=None):
     """The CLI with the environment setup-claude-code writes: the served
     model's name and window."""
     env = {**os.environ, **pensieve.claude_env(pensieve.Config(port=server.port), served),
@@ -160,7 +161,7 @@ def run_claude(server, tmp_path, *args, cwd=None, max_output=1024, served=SERVED
            # The CLI gives up (exit 1) on answers past this cap; the prompts
            # here get short greedy answers, and the cap leaves room should the
            # date or folder in the CLI's prompt lengthen them.
-           "CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(max_output)}
+           "CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(max_output), **(extra_env or {})}
     if cwd is None:
         # A fixed working directory: the CLI puts it in its prompt, and the
         # prompt (and the greedy answer) should not depend on pytest's
@@ -227,7 +228,15 @@ def default_server(smollm_dir):
     server.stop()
 
 
-DEFAULT_CAP = 32  # each answer at 12k tokens deep decodes at ~4 tok/s
+# At 12k tokens deep the 135M model loops rather than ending its turn, and
+# decodes at ~2 tok/s here: its answers end at this cap, and the CLI, after
+# its three "resume" requests, exits with its own cap message.
+DEFAULT_CAP = 32
+DEFAULT_PROMPT = "What is the capital of France?"
+# After each capped answer the CLI would also compact the conversation (four
+# summarising requests, minutes each here); these tests are about the default
+# mode's requests, so its automatic compaction is off.
+NO_AUTO_COMPACT = {"DISABLE_AUTO_COMPACT": "1"}
 
 
 def new_requests(server, since):
@@ -237,11 +246,11 @@ def new_requests(server, since):
 @needs_cli
 def test_cli_default_mode_answers_on_the_embedded_model(default_server, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="pensieve")
-    out = run_claude(default_server, tmp_path, "-p", "What is the capital of France?",
-                     max_output=DEFAULT_CAP)
+    since = len(default_server.wrapper.seen)
+    out = run_claude(default_server, tmp_path, "-p", DEFAULT_PROMPT, max_output=DEFAULT_CAP,
+                     extra_env=NO_AUTO_COMPACT)
     finished_or_capped(out, DEFAULT_CAP)
-    (request, sent, done), = [e for e in default_server.wrapper.seen
-                              if e[0].offered and len(e[0].offered) > 5]
+    request, sent, done = new_requests(default_server, since)[0]
     # The default tool set (tool search on): the placeholder is never offered,
     # the deferred tools are announced by name only.
     names = [t["name"] for t in request.offered]
@@ -261,7 +270,8 @@ def test_cli_tool_search_round_trip(default_server, tmp_path, caplog):
     since = len(default_server.wrapper.seen)
     default_server.wrapper.calls = [("ToolSearch", {"query": "select:WebFetch"})]
     out = run_claude(default_server, tmp_path, "-p", "Fetch example.com for me.",
-                     max_output=DEFAULT_CAP)
+                     max_output=DEFAULT_CAP,
+                     extra_env=NO_AUTO_COMPACT)
     finished_or_capped(out, DEFAULT_CAP)
     seen = new_requests(default_server, since)
     first, second = seen[0], seen[1]
@@ -288,7 +298,8 @@ def test_cli_default_mode_runs_a_scripted_bash_call(default_server, tmp_path, ca
     default_server.wrapper.calls = [("Bash", {"command": "ls", "description": "List"})]
     out = run_claude(default_server, tmp_path, "-p", "List the files here.",
                      "--tools", "Bash,Read", "--allowedTools", "Bash,Read", cwd=work,
-                     max_output=DEFAULT_CAP)
+                     max_output=DEFAULT_CAP,
+                     extra_env=NO_AUTO_COMPACT)
     finished_or_capped(out, DEFAULT_CAP)
     seen = new_requests(default_server, since)
     given = [b["id"] for content in re.findall(r"req_\w+ content: (.*)", caplog.text)

@@ -195,8 +195,8 @@ def test_the_pensieve_command_serves_and_prints_a_banner(tiny_model_dir, tmp_pat
     assert f"Pensieve is serving {tiny_model_dir.name} at {url}" in output
     assert "context window 256 tokens, CPU backend" in output
     assert "API key  pensieve-local-token" in output
-    assert (f"ANTHROPIC_BASE_URL={url} ANTHROPIC_AUTH_TOKEN=pensieve-local-token claude"
-            in output)
+    # The launcher first: it sets the served model's name and window too.
+    assert "Claude Code:  pensieve claude" in output
     assert "pensieve setup-claude-code" in output
 
 
