@@ -38,9 +38,9 @@ from urllib.parse import unquote
 
 import h11
 
-from engine import (ROPE_SCALINGS, ClearThinking, ClearToolUses, CountRequest, Failed,
-                    Finished, GenerationRequest, Message, TextDelta, ThinkingDelta,
-                    ToolCallEnd, ToolCallStart, ToolInputDelta)
+from engine import (DEFAULT_ROPE_SCALING, ROPE_SCALINGS, ClearThinking, ClearToolUses,
+                    CountRequest, Failed, Finished, GenerationRequest, Message, TextDelta,
+                    ThinkingDelta, ToolCallEnd, ToolCallStart, ToolInputDelta)
 
 log = logging.getLogger("pensieve.http")
 
@@ -133,7 +133,7 @@ class Config:
     # Tokens served; None: the model's trained window (the embedded model:
     # 32768). Past the trained window RoPE is scaled by ``rope_scaling``.
     context_window: int | None = None
-    rope_scaling: str = "yarn-notemp"
+    rope_scaling: str = DEFAULT_ROPE_SCALING
     # KV cache the running requests may hold together; None: a quarter of
     # the memory. A request that would not fit waits.
     kv_bytes: int | None = None
@@ -2383,7 +2383,7 @@ def parse_args(argv=None):
                              "(default: the trained window; the embedded model: "
                              "32768, trained on 8192)")
     parser.add_argument("--rope-scaling", choices=ROPE_SCALINGS,
-                        default=setting("ROPE_SCALING", "yarn-notemp"),
+                        default=setting("ROPE_SCALING", DEFAULT_ROPE_SCALING),
                         help="how --context-window stretches RoPE past the trained "
                              "window: YaRN without or with its attention temperature, "
                              "linear, a fixed NTK base, Llama 3's [PENSIEVE_ROPE_SCALING] "

@@ -9,10 +9,10 @@ events (``ToolCallStart``, ``ToolInputDelta``, ``ToolCallEnd``), then
 
 from .engine import (Accepted, CountRequest, Counted, Engine, Failed, Finished,
                      GenerationRequest, Job)
-from .models import ROPE_SCALINGS, ModelError
+from .models import DEFAULT_ROPE_SCALING, ROPE_SCALINGS, ModelError
 from .text import ClearThinking, ClearToolUses, Message
 from .tools import TextDelta, ThinkingDelta, ToolCallEnd, ToolCallStart, ToolInputDelta
 
-__all__ = ["Accepted", "ClearThinking", "ClearToolUses", "CountRequest", "Counted", "Engine", "Failed", "Finished",
+__all__ = ["Accepted", "ClearThinking", "ClearToolUses", "DEFAULT_ROPE_SCALING", "CountRequest", "Counted", "Engine", "Failed", "Finished",
            "GenerationRequest", "Job", "Message", "ModelError", "ROPE_SCALINGS", "TextDelta",
            "ThinkingDelta", "ToolCallEnd", "ToolCallStart", "ToolInputDelta"]

@@ -33,7 +33,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from . import grammar as grammars
-from .models import ModelError, load, physical_memory
+from .models import DEFAULT_ROPE_SCALING, ModelError, load, physical_memory
 from .progress import step
 from .text import (ClearThinking, ClearToolUses, PromptEncoder, RenderError, StopMatcher,
                    clear_thinking, clear_tool_uses, render_prompt, template_takes_tools,
@@ -257,7 +257,7 @@ class Engine:
 
     def __init__(self, model_spec=None, cpu_weights="float32", cache_bytes=None,
                  max_running=DEFAULT_MAX_RUNNING, prefill_chunk=None, constrain=True,
-                 context_window=None, rope_scaling="yarn-notemp", kv_bytes=None):
+                 context_window=None, rope_scaling=DEFAULT_ROPE_SCALING, kv_bytes=None):
         self._spec = model_spec
         self._window = context_window  # None: the model's (see models.load)
         self._rope_scaling = rope_scaling

@@ -49,6 +49,9 @@ FALLBACK_CONTEXT_WINDOW = 4096
 # call time, so a token's key is the same whatever the chunking, the cache
 # hit or the batch row. mlx-lm's "dynamic" NTK does, and is replaced.
 ROPE_SCALINGS = ("yarn-notemp", "yarn", "linear", "ntk", "llama3")
+# Measured on the embedded model (bench/RESULTS.md): it keeps the model's
+# answers in Claude Code's prompts and reads long ones nearly as well as YaRN.
+DEFAULT_ROPE_SCALING = "yarn-notemp"
 # Debian's threaded OpenBLAS (package libopenblas0-pthread). MLX's Linux CPU
 # wheel bundles the reference BLAS, which is many times slower for the fp32
 # matrix products of prefill.
@@ -262,7 +265,7 @@ def dequantize_model(model):
     mx.eval(model.parameters())
 
 
-def window_config(config, window=None, kind="yarn-notemp"):
+def window_config(config, window=None, kind=DEFAULT_ROPE_SCALING):
     """(window, trained, overrides, scaling): the window served, the one
     trained, the config changes that serve it, and a description of the RoPE
     scaling (None: none). ``window`` None: the trained one."""
@@ -287,7 +290,8 @@ def window_config(config, window=None, kind="yarn-notemp"):
         f"{kind} x{factor:g}"
 
 
-def load(spec, cpu_weights="float32", context_window=None, rope_scaling="yarn-notemp"):
+def load(spec, cpu_weights="float32", context_window=None,
+         rope_scaling=DEFAULT_ROPE_SCALING):
     """Load the model named by ``spec`` (see ``resolve``) for generation,
     serving ``context_window`` tokens (None: the trained window; for the
     embedded model EMBEDDED_CONTEXT_WINDOW) with ``rope_scaling`` past it."""
