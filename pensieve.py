@@ -2085,11 +2085,22 @@ CLAUDE_MODEL_VARIABLES = ("ANTHROPIC_MODEL", "ANTHROPIC_DEFAULT_OPUS_MODEL",
                           "ANTHROPIC_DEFAULT_HAIKU_MODEL", "ANTHROPIC_SMALL_FAST_MODEL")
 
 
+def claude_output_cap(window):
+    """The answer length Claude Code is told to keep room for. The CLI
+    compacts a session once it passes the window less that room (its own
+    default: 20,000 tokens) less a 13,000-token buffer for the summary; with
+    its default at a 32k window that is below its own first prompt (~12k), and
+    it would compact before every turn. An eighth of the window leaves the
+    rest to the session."""
+    return min(window // 8, 32000)
+
+
 def claude_env(config, model=None):
     """The environment that points Claude Code at this server; ``model``:
     (name, context window) of the served model, so the CLI asks for that
     name, knows the real window (it compacts on the server's "prompt is too
-    long") and labels each request's class (x-claude-code-request-class)."""
+    long"), keeps a share of it for answers and labels each request's class
+    (x-claude-code-request-class)."""
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
     env = {"ANTHROPIC_BASE_URL": f"http://{host}:{config.port}",
            "ANTHROPIC_AUTH_TOKEN": config.api_key,
@@ -2099,6 +2110,7 @@ def claude_env(config, model=None):
         name, window = model
         env.update({variable: name for variable in CLAUDE_MODEL_VARIABLES})
         env["CLAUDE_CODE_MAX_CONTEXT_TOKENS"] = str(window)
+        env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(claude_output_cap(window))
         env["CLAUDE_CODE_GATEWAY_HINT_HEADERS"] = "1"
     return env
 
@@ -2228,8 +2240,10 @@ def launch_claude(config, args, server_argv):
             if time.monotonic() > deadline:
                 raise SetupError(f"the server did not start; see {log_path}")
             time.sleep(0.5)
-    env = {**os.environ, **claude_env(config, served_model(config))}
-    return subprocess.run([claude, *args], env=env).returncode
+    wanted = claude_env(config, served_model(config))
+    if "CLAUDE_CODE_MAX_OUTPUT_TOKENS" in os.environ:
+        del wanted["CLAUDE_CODE_MAX_OUTPUT_TOKENS"]  # a cap of the user's own stays
+    return subprocess.run([claude, *args], env={**os.environ, **wanted}).returncode
 
 
 # The launcher waits this long for a server it started (model import included).

@@ -13,6 +13,11 @@ OUT_DIR/NN-<path>.json. The auth token is replaced by a placeholder.
 Each ``--call NAME=JSON`` scripts one tool call: the next Messages request
 whose ``tools`` hold NAME is answered with that ``tool_use`` instead of text,
 so a round trip (the CLI runs the call and sends its result) is recorded.
+
+An interactive session needs a terminal; tmux gives it one:
+
+    tmux new-session -d -s cap 'python tests/capture_claude.py OUT_DIR -- claude "hi"'
+    tmux send-keys -t cap "a second turn" Enter    # then "/exit" Enter
 """
 
 import json

@@ -306,12 +306,14 @@ class ScriptedEngine:
 
     ``script(request)`` returns items: engine messages to deliver, or numbers
     (seconds to sleep). Each job runs on its own thread; ``jobs`` records them.
+    ``model``: the FakeModel it says it serves.
     """
 
-    def __init__(self, script=None):
+    def __init__(self, script=None, model=FakeModel()):
         self.script = script or (lambda request: [
             Accepted(3, request.max_tokens), TextDelta("Hello"), TextDelta(" world"),
             Finished("end_turn", None, 3, 2, 0.0, 0.0)])
+        self.model = model
         self.jobs = []
         self.running = self.waiting = 0
 
@@ -319,7 +321,7 @@ class ScriptedEngine:
         pass
 
     def wait_loaded(self, timeout=None):
-        return FakeModel()
+        return self.model
 
     def stop(self, timeout=None):
         pass
@@ -349,8 +351,8 @@ def scripted():
     """Start a server on a ScriptedEngine: ``srv = scripted(script)``."""
     servers = []
 
-    def start(script=None, **config):
-        engine = ScriptedEngine(script)
+    def start(script=None, model=FakeModel(), **config):
+        engine = ScriptedEngine(script, model)
         srv = ServerThread(Config(host="127.0.0.1", port=0, **config),
                            engine=engine).start()
         srv.engine = engine

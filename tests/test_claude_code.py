@@ -5,12 +5,14 @@ The bodies under tests/captures/claude-2.1.332/ were recorded from Claude Code
 2.1.332 (the version make test pins) with tests/capture_claude.py: its main
 request with no tools (--bare --tools ""), with Bash and Read, with its
 default tool set (tool search on: a DeferredToolPlaceholder, tools announced
-by name), in auto mode, and the requests after a Bash round trip and a
-ToolSearch round trip. The API-level tests replay them against the embedded
-model at its trained 8k window; the CLI tests run the CLI in its default mode
-against the embedded model as served by default (32k, RoPE scaled), on one
-shared server whose prompt cache carries the ~12k-token default prefix from
-the first test to the rest, so the long first read is paid once.
+by name), in auto mode, the requests after a Bash round trip and a ToolSearch
+round trip, and an interactive session in a terminal (its title request, a
+JSON-schema answer; its two turns, thinking.display "updates", in auto mode).
+The API-level tests replay them against the embedded model at its trained 8k
+window; the CLI tests run the CLI in its default mode against the embedded
+model as served by default (32k, RoPE scaled), on one shared server whose
+prompt cache carries the ~12k-token default prefix from the first test to the
+rest, so the long first read is paid once.
 """
 
 import copy
@@ -19,6 +21,7 @@ import logging
 import os
 import re
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import anthropic
@@ -26,12 +29,14 @@ import pytest
 
 import engine
 import pensieve
-from conftest import API_KEY, PensieveProcess, ScriptedCalls, ServerThread, claude_cli
+from conftest import (API_KEY, FakeModel, PensieveProcess, ScriptedCalls, ServerThread,
+                      claude_cli)
 
 CAPTURES = Path(__file__).parent / "captures" / "claude-2.1.332"
-FITTING = ["bare-main", "tools-main", "bash-result"]  # within the 8k window
+FITTING = ["bare-main", "tools-main", "bash-result",  # within the 8k window
+           "interactive-title"]
 DEFAULT_SET = ["default-main", "auto-main", "auto-after-bash", "toolsearch-result",
-               "toolsearch-second-call"]
+               "toolsearch-second-call", "interactive-main", "interactive-second-turn"]
 
 
 def capture(name):
@@ -56,7 +61,8 @@ def count(client, body):
 @pytest.mark.parametrize("name", FITTING)
 def test_captured_request_streams_and_counts_agree(client, name):
     body = capture(name)["body"]
-    assert body["stream"] is True and body["max_tokens"] == 128000
+    # 128000 on main requests (32000 on the title's)
+    assert body["stream"] is True and body["max_tokens"] in (128000, 32000)
     short = {**body, "max_tokens": 2}  # everything else exactly as the CLI sent it
     with client.messages.with_streaming_response.create(**_sdk_args(short)) as response:
         events = [line for line in response.iter_lines() if line.startswith("event: ")]
@@ -123,8 +129,6 @@ def test_count_tokens_needs_no_max_tokens_and_validates(client):
 
 
 def test_probe_is_answered(real_server):
-    import urllib.request
-
     probe = capture("probe")
     assert (probe["method"], probe["path"]) == ("HEAD", "/api/hello")
     request = urllib.request.Request(real_server + "/api/hello", method="HEAD")
@@ -155,13 +159,14 @@ def greedy_server(cache_dir, smollm_dir):
 def run_claude(server, tmp_path, *args, cwd=None, max_output=1024, served=SERVED,
                extra_env=None):
     """The CLI with the environment setup-claude-code writes: the served
-    model's name and window."""
+    model's name and window. ``extra_env``: more variables (None: unset)."""
     env = {**os.environ, **pensieve.claude_env(pensieve.Config(port=server.port), served),
            "CLAUDE_CONFIG_DIR": str(tmp_path / "claude-config"),
            # The CLI gives up (exit 1) on answers past this cap; the prompts
            # here get short greedy answers, and the cap leaves room should the
            # date or folder in the CLI's prompt lengthen them.
            "CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(max_output), **(extra_env or {})}
+    env = {k: v for k, v in env.items() if v is not None}
     if cwd is None:
         # A fixed working directory: the CLI puts it in its prompt, and the
         # prompt (and the greedy answer) should not depend on pytest's
@@ -216,14 +221,20 @@ def test_cli_with_tools(greedy_server, tmp_path):
 # --- The default mode, on one shared server; scripted calls the CLI runs ----------
 
 
-@pytest.fixture(scope="module")
-def default_server(smollm_dir):
-    """The embedded model at its default 32k window (YaRN), greedy, in-process
-    so tests script calls and see each request's cache hits."""
-    wrapper = ScriptedCalls(engine.Engine(str(smollm_dir), context_window=SERVED[1]))
-    server = ServerThread(pensieve.Config(host="127.0.0.1", port=0, model=str(smollm_dir),
+def scripted_calls_server(model_dir, window):
+    """The embedded model at ``window``, greedy, in-process so tests script
+    calls (``server.wrapper``: ScriptedCalls) and see each request's cache hits."""
+    wrapper = ScriptedCalls(engine.Engine(str(model_dir), context_window=window))
+    server = ServerThread(pensieve.Config(host="127.0.0.1", port=0, model=str(model_dir),
                                           default_temperature=0.0), engine=wrapper).start()
     server.wrapper = wrapper
+    return server
+
+
+@pytest.fixture(scope="module")
+def default_server(smollm_dir):
+    """The embedded model at its default 32k window (YaRN)."""
+    server = scripted_calls_server(smollm_dir, SERVED[1])
     yield server
     server.stop()
 
@@ -314,3 +325,111 @@ def test_cli_default_mode_runs_a_scripted_bash_call(default_server, tmp_path, ca
     assert all(isinstance(m, pensieve.CONTENT_EVENTS) for m in sent[1:-1])
     assert done.cached_tokens >= seen[0][1][0].input_tokens - 1
     assert "stream failed" not in caplog.text and "Traceback" not in caplog.text
+
+
+def last_user_text(request):
+    said = [m.text for m in request.messages if m.role in ("user", "tool")]
+    return said[-1] if said else ""
+
+
+# --- Compaction: when the session outgrows the window --------------------------------
+
+
+@needs_cli
+def test_setup_leaves_a_default_mode_session_room_to_grow(scripted, tmp_path):
+    """Claude Code compacts once a session passes the window less its output
+    reservation less a 13k summary buffer. Its default prompt is ~12k of the
+    embedded model's tokens: at 32k, with the CLI's own reservation (20k), it
+    would compact before every turn after the first; with the set-up's it
+    does not. The engine is scripted to report the real model's prompt size."""
+    def script(request):
+        if isinstance(request, engine.CountRequest):
+            return [engine.Counted(DEFAULT_PROMPT_TOKENS)]
+        return [engine.Accepted(DEFAULT_PROMPT_TOKENS, request.max_tokens),
+                engine.TextDelta("Done."),
+                engine.Finished("end_turn", None, DEFAULT_PROMPT_TOKENS, 2, 0.0, 0.0)]
+
+    server = scripted(script, model=FakeModel(*SERVED))
+
+    def compactions(output_cap):
+        since = len(server.engine.jobs)
+        for prompt, more in (("Say hi.", ()), ("Say hi again.", ("--continue",))):
+            out = run_claude(server, tmp_path / str(output_cap), "-p", prompt, *more,
+                             extra_env={"CLAUDE_CODE_MAX_OUTPUT_TOKENS": output_cap})
+            if output_cap is not None:
+                assert out.returncode == 0 and out.stdout.strip() == "Done.", out.stderr
+        return [job for job in server.engine.jobs[since:]
+                if last_user_text(job.request).startswith(COMPACTING)]
+
+    setup_cap = pensieve.claude_env(pensieve.Config(), SERVED)["CLAUDE_CODE_MAX_OUTPUT_TOKENS"]
+    assert setup_cap == str(pensieve.claude_output_cap(SERVED[1])) == "4096"
+    assert compactions(setup_cap) == []
+    assert compactions(None)  # the CLI's own reservation: it summarises at once
+
+
+# Claude Code's default request, in the embedded model's tokens (2.1.332).
+DEFAULT_PROMPT_TOKENS = 12_200
+# The last user text of the CLI's summarising request.
+COMPACTING = "CRITICAL: Respond with TEXT ONLY. Do NOT call any tools."
+COMPACT_WINDOW = 4096
+
+
+@pytest.fixture(scope="module")
+def small_server(smollm_dir):
+    """The embedded model at a 4k window: a session outgrows it in two rounds."""
+    server = scripted_calls_server(smollm_dir, COMPACT_WINDOW)
+    yield server
+    server.stop()
+
+
+@needs_cli
+def test_cli_compacts_a_session_that_outgrows_the_window(small_server, tmp_path, caplog):
+    """Two Bash rounds of numbers: the CLI reckons ~1 token a line, SmolLM2
+    reads a digit a token, so the second round's request passes the server's
+    window while the CLI (told the default 32k window, as after a set-up
+    against the default server) still thinks it fits. The server's exact 400
+    is what tells it: the CLI summarises (its summarising request, too long
+    itself, is cut down on a second 400), resends the session as the summary,
+    and goes on to its answer."""
+    caplog.set_level(logging.INFO, logger="pensieve")
+    wrapper = small_server.wrapper
+    since = len(wrapper.seen)
+    summary = ("<analysis>The user counted with seq.</analysis>\n<summary>\n"
+               "1. Primary Request: count to 1100 with seq.\n2. Pending Tasks: none.\n"
+               "</summary>")
+    compacting = lambda request: last_user_text(request).startswith(COMPACTING)  # noqa: E731
+    wrapper.calls = [("Bash", {"command": "seq 1 700", "description": "Count"}),
+                     ("Bash", {"command": "seq 701 1100", "description": "Count on"}),
+                     (None, summary, compacting),
+                     (None, "Counted to 1100.", lambda request: not compacting(request))]
+    debug = tmp_path / "claude-debug.log"
+    out = run_claude(small_server, tmp_path, "-p", "Count to 1100 with seq.", "--bare",
+                     "--tools", "Bash", "--allowedTools", "Bash", "--debug-file", str(debug),
+                     max_output=DEFAULT_CAP)
+    assert out.returncode == 0 and out.stdout.strip() == "Counted to 1100.", \
+        out.stdout + out.stderr
+    assert wrapper.calls == []  # every scripted turn was asked for
+    seen = new_requests(small_server, since)
+    refused = [(request, sent[0]) for request, sent, _ in seen
+               if isinstance(sent[0], engine.Failed)]
+    # The main request after the second round: refused with the exact
+    # wording, and the CLI got it as sent.
+    request, failed = refused[0]
+    assert request.messages[-1].role == "tool" and request.messages[-1].text.startswith("701")
+    n = int(re.fullmatch(r"prompt is too long: (\d+) tokens > 4095 maximum",
+                         failed.message).group(1))
+    assert n > COMPACT_WINDOW and failed.message in debug.read_text()
+    # Then the summarising request, accepted once it fits, answered.
+    summarised = [(request, sent) for request, sent, done in seen
+                  if compacting(request) and isinstance(sent[0], engine.Accepted)]
+    assert len(summarised) == 1 and summarised[0][1][0].input_tokens < COMPACT_WINDOW
+    assert "class='compaction'" in caplog.text
+    # The session goes on from the summary, accepted and answered.
+    request, sent, done = seen[-1]
+    first = next(m.text for m in request.messages if m.role == "user")
+    assert first.startswith("This session is being continued from a previous conversation")
+    assert "count to 1100 with seq" in first
+    assert isinstance(sent[0], engine.Accepted) and done is not None
+    assert "Traceback" not in caplog.text and "stream failed" not in caplog.text
+    health = json.load(urllib.request.urlopen(small_server.url + "/health", timeout=10))
+    assert health["status"] == "healthy"

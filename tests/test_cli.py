@@ -139,8 +139,10 @@ def test_setup_claude_code_merges_backs_up_and_undoes(tmp_path):
                              "ANTHROPIC_AUTH_TOKEN": "k",
                              "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
                              # the served name, not a claude-* one, and the real
-                             # window: the embedded model served at 32k
+                             # window: the embedded model served at 32k, an
+                             # eighth of it kept for answers
                              **served, "CLAUDE_CODE_MAX_CONTEXT_TOKENS": "32768",
+                             "CLAUDE_CODE_MAX_OUTPUT_TOKENS": "4096",
                              "CLAUDE_CODE_GATEWAY_HINT_HEADERS": "1"}
     backup = json.loads((tmp_path / "settings.json.pensieve-backup.json").read_text())
     assert backup["settings"] == original
@@ -179,6 +181,7 @@ def test_undo_restores_what_an_older_set_up_never_touched(tmp_path):
     env = json.loads(settings.read_text())["env"]
     assert env["ANTHROPIC_MODEL"] == "SmolLM2-135M-Instruct"
     assert env["CLAUDE_CODE_MAX_CONTEXT_TOKENS"] == "16384"
+    assert env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] == "2048"
     assert setup(tmp_path, "setup-claude-code", "--undo").returncode == 0
     assert json.loads(settings.read_text()) == {"env": {
         "ANTHROPIC_BASE_URL": "https://proxy.example", "KEEP": "1",
@@ -214,7 +217,7 @@ def test_launcher_starts_a_server_and_runs_claude(tmp_path, cache_dir, smollm_di
     port = free_port()
     env = {"CLAUDE_CONFIG_DIR": str(tmp_path), "PENSIEVE_CACHE_DIR": str(cache_dir),
            "PATH": f"{os.path.dirname(CLAUDE)}:{os.environ['PATH']}",
-           "CLAUDE_CODE_MAX_OUTPUT_TOKENS": "32"}
+           "CLAUDE_CODE_MAX_OUTPUT_TOKENS": "32"}  # kept over the set-up's
     out = pensieve("--port", str(port), "--log-level", "debug", "claude", "-p",
                    "What is the capital of France?", "--bare", "--tools", "",
                    env=env, timeout=600)
