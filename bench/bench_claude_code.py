@@ -1,7 +1,7 @@
 """Claude Code's default mode on the embedded model: the first turn, and the
 turn after a real tool round, read from the prompt cache.
 
-    .venv/bin/python bench/bench_claude_code.py [--cli PATH] [--record]
+    .venv/bin/python bench/bench_claude_code.py [--cli PATH] [--lines N] [--record]
 
 Runs the real Claude Code CLI (``claude -p``, its default mode: the whole tool
 set, tool search on) against an in-process Pensieve server on the embedded
@@ -9,7 +9,8 @@ SmolLM2 at its default 32k window, greedy, with the environment
 ``setup-claude-code`` writes. Turn 1 asks about a file; the model's answer is
 a Read call of that file (scripted, as the tests do it: the 135M model never
 calls a tool by itself; the real engine still reads the whole prompt first);
-the CLI runs the Read and sends its result (a file of ~400 tokens); the real
+the CLI runs the Read and sends its result (a file of N numbered lines, ~50
+tokens each, 12 by default); the real
 model answers turn 2. Per request, from the server's access log: prompt
 tokens, tokens read from the cache, tokens prefilled, time to first token
 (arrival to first content). Goal: turn 2 reads >= 95% of its prompt from the
@@ -37,12 +38,18 @@ from engine.models import use_openblas  # noqa: E402
 
 use_openblas()  # before MLX is imported, as the server does
 import engine  # noqa: E402
+from engine.attention import cores  # noqa: E402
 import pensieve  # noqa: E402
 
-NOTES = "\n".join(
-    f"{i}. The build step {i} compiles module m{i} with flags -O2 and writes "
-    f"out/m{i}.o; it depends on step {i - 1} and takes about {i * 3} seconds."
-    for i in range(1, 13))
+
+
+def notes(lines):
+    return "\n".join(
+        f"{i}. The build step {i} compiles module m{i} with flags -O2 and writes "
+        f"out/m{i}.o; it depends on step {i - 1} and takes about {i * 3} seconds."
+        for i in range(1, lines + 1))
+
+
 MAX_OUTPUT = 64
 
 
@@ -62,6 +69,7 @@ class AccessLog(logging.Handler):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cli", default=claude_cli(), help="the claude binary")
+    parser.add_argument("--lines", type=int, default=12, help="lines of the file read")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
     from engine.models import embedded_gguf, imported_dir
@@ -74,7 +82,8 @@ def main():
     server = ServerThread(pensieve.Config(host="127.0.0.1", port=0, model=str(model_dir),
                                           default_temperature=0.0), engine=wrapper).start()
     work = Path(tempfile.mkdtemp(prefix="pensieve-bench-"))
-    (work / "notes.txt").write_text(NOTES + "\n")
+    text = notes(args.lines)
+    (work / "notes.txt").write_text(text + "\n")
     wrapper.calls = [("Read", {"file_path": str(work / "notes.txt")})]
     env = {**os.environ,
            **pensieve.claude_env(pensieve.Config(port=server.port),
@@ -105,7 +114,7 @@ def main():
     table = "\n".join([
         "| turn | prompt tokens | read from the cache | prefilled | time to first "
         "token (s) | stop |", "|---|---|---|---|---|---|", *rows])
-    summary = (f"- turn 2 (after a Read of {len(NOTES)} characters, a tool result of "
+    summary = (f"- turn 2 (after a Read of {len(text)} characters, a tool result of "
                f"{second['prompt_tokens'] - first['prompt_tokens']} tokens with the call): "
                f"{second['cached_tokens'] / second['prompt_tokens']:.1%} of its prompt from "
                f"the cache (goal >= 95%); first token in "
@@ -115,8 +124,10 @@ def main():
                + f"; the Read result reached the model: {result is not None and 'step 3' in result.text}")
     publish(f"## Claude Code {version.split()[0]} in its default mode on the embedded "
             f"model ({date.today()})\n\n"
-            f"`python bench/bench_claude_code.py --record`; {platform.machine()}, "
-            f"{os.cpu_count()} cores, CPU backend, float32 (OpenBLAS), SmolLM2-135M at "
+            f"`python bench/bench_claude_code.py --lines {args.lines} --record`; "
+            f"{platform.machine()}, {os.cpu_count()} cores, CPU backend, float32 "
+            f"({use_openblas()}), attention split over "
+            f"{min(cores(), 2)} core(s), SmolLM2-135M at "
             f"32768 tokens (yarn-notemp), greedy, `CLAUDE_CODE_MAX_OUTPUT_TOKENS={MAX_OUTPUT}`;"
             f" from the server's access log.\n\n{table}\n\n{summary}", args.record)
 

