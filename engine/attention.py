@@ -14,6 +14,7 @@ quantized KV caches, attention sinks) go to the model's own attention.
 
 import os
 import sys
+import threading
 
 # Below this many attention scores (heads x queries x keys) a call is not
 # worth splitting: a decode step's are ~0.1M, a 512-token chunk's at 12k
@@ -47,16 +48,19 @@ def use_split_attention(model):
 def _splitting(own):
     import mlx.core as mx
 
-    side = []  # the second CPU stream, made on the engine thread at first use
+    # The second CPU stream, made at first use on each thread that calls:
+    # MLX streams belong to the thread that made them (one engine thread per
+    # engine, and a process may run several).
+    local = threading.local()
 
     def attention(queries, keys, values, cache, scale, mask, sinks=None):
         batch, heads, n, _ = queries.shape
         if (sinks is not None or hasattr(cache, "bits") or n < 2
                 or heads * n * keys.shape[2] < SPLIT_MIN_SCORES):
             return own(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
-        if not side:
-            side.append(mx.new_stream(mx.cpu))
-        return split_attention(queries, keys, values, scale, mask, side[0])
+        if getattr(local, "side", None) is None:
+            local.side = mx.new_stream(mx.cpu)
+        return split_attention(queries, keys, values, scale, mask, local.side)
 
     attention.splits = own
     return attention

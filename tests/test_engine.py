@@ -545,6 +545,17 @@ def test_cpu_models_attend_on_two_cores_where_it_pays(tiny_model_dir, monkeypatc
     split = logits(0)
     assert len(calls) == 2 * len(model.layers)  # both chunks, every layer; not decode
     assert mx.allclose(split, whole, atol=1e-4).item()
+    # From another thread (a second engine's), on a stream of that thread's own.
+    other = []
+
+    def elsewhere():
+        other.append(logits(0))
+        mx.eval(other)
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    thread.join(TIMEOUT)
+    assert other and mx.allclose(other[0], whole, atol=1e-4).item()
     monkeypatch.setattr(attention, "cores", lambda: 1)
     monkeypatch.setattr(module, "scaled_dot_product_attention", original)
     models.load(str(tiny_model_dir), cpu_weights="stored")
