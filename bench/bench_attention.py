@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from bench_decode import publish  # noqa: E402
 from engine.models import use_openblas  # noqa: E402
 
-BLAS = use_openblas()  # before MLX is imported, as the server does
+use_openblas()  # before MLX is imported, as the server does
 from engine import attention  # noqa: E402
 from engine.engine import PREFILL_CHUNK_CPU  # noqa: E402
 from engine.models import embedded_gguf, imported_dir, load  # noqa: E402

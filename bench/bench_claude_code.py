@@ -42,7 +42,6 @@ from engine.attention import cores  # noqa: E402
 import pensieve  # noqa: E402
 
 
-
 def notes(lines):
     return "\n".join(
         f"{i}. The build step {i} compiles module m{i} with flags -O2 and writes "

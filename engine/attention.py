@@ -54,7 +54,7 @@ def _splitting(own):
     local = threading.local()
 
     def attention(queries, keys, values, cache, scale, mask, sinks=None):
-        batch, heads, n, _ = queries.shape
+        _, heads, n, _ = queries.shape
         if (sinks is not None or hasattr(cache, "bits") or n < 2
                 or heads * n * keys.shape[2] < SPLIT_MIN_SCORES):
             return own(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)

@@ -328,7 +328,7 @@ def load(spec, cpu_weights="float32", context_window=None,
         else:
             log.warning("keeping %s's weights as stored: as float32 they would not "
                         "fit comfortably in memory", name)
-    if device == "cpu" and use_split_attention(model):
+    if use_split_attention(model):  # on a CPU of two cores or more
         log.info("long prefill chunks attend on two CPU cores")
     if scaling:
         log.info("serving %d tokens, past the %d the model was trained on, with a "

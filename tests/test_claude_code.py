@@ -327,12 +327,22 @@ def test_cli_default_mode_runs_a_scripted_bash_call(default_server, tmp_path, ca
     assert "stream failed" not in caplog.text and "Traceback" not in caplog.text
 
 
+# --- Compaction: when the session outgrows the window --------------------------------
+
+# Claude Code's default request, in the embedded model's tokens (2.1.332).
+DEFAULT_PROMPT_TOKENS = 12_200
+COMPACT_WINDOW = 4096
+
+
 def last_user_text(request):
     said = [m.text for m in request.messages if m.role in ("user", "tool")]
     return said[-1] if said else ""
 
 
-# --- Compaction: when the session outgrows the window --------------------------------
+def compacting(request):
+    """Whether this is the CLI's summarising request (by its last user text)."""
+    return last_user_text(request).startswith(
+        "CRITICAL: Respond with TEXT ONLY. Do NOT call any tools.")
 
 
 @needs_cli
@@ -358,20 +368,12 @@ def test_setup_leaves_a_default_mode_session_room_to_grow(scripted, tmp_path):
                              extra_env={"CLAUDE_CODE_MAX_OUTPUT_TOKENS": output_cap})
             if output_cap is not None:
                 assert out.returncode == 0 and out.stdout.strip() == "Done.", out.stderr
-        return [job for job in server.engine.jobs[since:]
-                if last_user_text(job.request).startswith(COMPACTING)]
+        return [job for job in server.engine.jobs[since:] if compacting(job.request)]
 
     setup_cap = pensieve.claude_env(pensieve.Config(), SERVED)["CLAUDE_CODE_MAX_OUTPUT_TOKENS"]
     assert setup_cap == str(pensieve.claude_output_cap(SERVED[1])) == "4096"
     assert compactions(setup_cap) == []
     assert compactions(None)  # the CLI's own reservation: it summarises at once
-
-
-# Claude Code's default request, in the embedded model's tokens (2.1.332).
-DEFAULT_PROMPT_TOKENS = 12_200
-# The last user text of the CLI's summarising request.
-COMPACTING = "CRITICAL: Respond with TEXT ONLY. Do NOT call any tools."
-COMPACT_WINDOW = 4096
 
 
 @pytest.fixture(scope="module")
@@ -397,7 +399,6 @@ def test_cli_compacts_a_session_that_outgrows_the_window(small_server, tmp_path,
     summary = ("<analysis>The user counted with seq.</analysis>\n<summary>\n"
                "1. Primary Request: count to 1100 with seq.\n2. Pending Tasks: none.\n"
                "</summary>")
-    compacting = lambda request: last_user_text(request).startswith(COMPACTING)  # noqa: E731
     wrapper.calls = [("Bash", {"command": "seq 1 700", "description": "Count"}),
                      ("Bash", {"command": "seq 701 1100", "description": "Count on"}),
                      (None, summary, compacting),

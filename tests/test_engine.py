@@ -516,9 +516,10 @@ def test_cpu_models_attend_on_two_cores_where_it_pays(tiny_model_dir, monkeypatc
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
+    import mlx_lm.models.llama as module
+
     from engine import attention, models
 
-    module = __import__("mlx_lm.models.llama", fromlist=["x"])
     original = getattr(module.scaled_dot_product_attention, "splits",
                        module.scaled_dot_product_attention)
     monkeypatch.setattr(module, "scaled_dot_product_attention", original)
