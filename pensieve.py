@@ -41,6 +41,9 @@ import h11
 from engine import (DEFAULT_ROPE_SCALING, ROPE_SCALINGS, ClearThinking, ClearToolUses,
                     CountRequest, Failed, Finished, GenerationRequest, Message, TextDelta,
                     ThinkingDelta, ToolCallEnd, ToolCallStart, ToolInputDelta)
+from safeguards.check import MODES as AUTO_MODE_CHECKS
+from safeguards.check import Check, SafeguardsError
+from safeguards.check import parse as parse_safeguards
 
 log = logging.getLogger("pensieve.http")
 
@@ -147,6 +150,10 @@ class Config:
     # Browser origins ("https://app.example", or "*") allowed to call the API
     # with CORS; none by default, so no web page can drive the server.
     cors_origins: tuple = ()
+    # Auto mode's tool-call verdicts where the local rules and policy do not
+    # decide: "policy" (flagged, naming the rule that would allow it),
+    # "model" (the served model decides), "client" (the CLI's classifier).
+    auto_mode_check: str = "policy"
 
 
 class ConfigError(ValueError):
@@ -181,6 +188,8 @@ def check_config(config):
         raise ConfigError("max_connections must be at least 1")
     if config.shutdown_timeout < 0:
         raise ConfigError("shutdown_timeout must not be negative")
+    if config.auto_mode_check not in AUTO_MODE_CHECKS:
+        raise ConfigError(f"auto_mode_check must be one of {', '.join(AUTO_MODE_CHECKS)}")
 
 
 # === Errors ===================================================================
@@ -246,6 +255,9 @@ class MessagesRequest:
     # How thinking text is shown: "summarized" (in full here), or "omitted" /
     # "updates" (blocks carry only the signature, which holds the text).
     thinking_display: str = "summarized"
+    # The checks asked of each reply (safeguards.check.Requested): Claude
+    # Code's auto mode asks for a verdict on every tool call.
+    safeguards: tuple = ()
 
 
 # Blocks whose content a text-only model cannot take.
@@ -844,8 +856,12 @@ def parse_messages_request(raw, default_temperature=1.0):
     effort = prompt.turn_effort or _output_config(body).get("effort")
     temperature = _number(body, "temperature", 0.0, 1.0)
     choice, parallel = _tool_choice(body, prompt.callable)
+    try:
+        safeguards = parse_safeguards(body.get("safeguards"))
+    except SafeguardsError as e:
+        raise invalid(e.field, str(e)) from None
     return MessagesRequest(model=model, stream=stream, thinking_display=display,
-                           generation=GenerationRequest(
+                           safeguards=safeguards, generation=GenerationRequest(
         messages=prompt.messages, max_tokens=max_tokens,
         context_edits=_context_edits(body, thinking),
         tools=prompt.tools,
@@ -887,9 +903,10 @@ def final_usage(finished):
                  finished.cached_tokens, finished.cache_created_tokens)
 
 
-def message_body(message_id, model, content, finished, applied_edits=()):
+def message_body(message_id, model, content, finished, applied_edits=(), checked=None):
     """The non-streaming response: ``content`` is the list of blocks;
-    ``applied_edits``: the context edits that changed the prompt."""
+    ``applied_edits``: the context edits that changed the prompt;
+    ``checked``: the safeguard_results, when the request asked for any."""
     body = {
         "id": message_id, "type": "message", "role": "assistant", "model": model,
         "content": content or [{"type": "text", "text": ""}],
@@ -898,6 +915,8 @@ def message_body(message_id, model, content, finished, applied_edits=()):
     }
     if applied_edits:
         body["context_management"] = {"applied_edits": list(applied_edits)}
+    if checked is not None:
+        body["safeguard_results"] = checked
     return body
 
 
@@ -919,10 +938,11 @@ def stream_ping_event():
     return sse_event("ping", {"type": "ping"})
 
 
-def stream_end_events(finished, applied_edits=()):
+def stream_end_events(finished, applied_edits=(), checked=None):
     delta = {"type": "message_delta",
              "delta": {"stop_reason": finished.stop_reason,
-                       "stop_sequence": finished.stop_sequence},
+                       "stop_sequence": finished.stop_sequence,
+                       **({} if checked is None else {"safeguard_results": checked})},
              # The final counts: the cache hit is known only once generation
              # starts, after message_start went out with the whole prompt.
              "usage": final_usage(finished)}
@@ -1042,6 +1062,11 @@ class Blocks:
         self.kind, self._thinking, self._args = None, [], []
         return events
 
+    def calls(self):
+        """(id, name, input) of each tool call among the blocks."""
+        return [(b["id"], b["name"], b["input"]) for b in self.content
+                if b["type"] == "tool_use"]
+
     def finish(self):
         """Close the last block; an answer with no blocks gets an empty text
         block, as clients expect at least one."""
@@ -1121,6 +1146,11 @@ class Metrics:
         self.ttft = Histogram(TTFT_BUCKETS_S)
         self.per_token = Histogram(TOKEN_BUCKETS_S)
         self.model_load_s = 0.0
+        self.verdicts = {}  # (outcome, by) -> count: auto mode's tool-call checks
+
+    def count_verdicts(self, counts):
+        for key, n in counts.items():
+            self.verdicts[key] = self.verdicts.get(key, 0) + n
 
     def record(self, route, status, finished=None, ttft=None):
         key = (route, str(status))
@@ -1150,6 +1180,11 @@ class Metrics:
                                 ("output", "Tokens generated.")):
             name = f"pensieve_{kind}_tokens_total"
             family(name, "counter", help_text, [f"{name} {self.tokens[kind]}"])
+        family("pensieve_auto_mode_verdicts_total", "counter",
+               "Auto mode's tool-call checks answered, by outcome and by what decided "
+               "(rule, policy, default, model, client).",
+               [f'pensieve_auto_mode_verdicts_total{{outcome="{o}",by="{b}"}} {n}'
+                for (o, b), n in sorted(self.verdicts.items())])
         family("pensieve_time_to_first_token_seconds", "histogram",
                "From the request's arrival to its first generated content.",
                self.ttft.lines("pensieve_time_to_first_token_seconds"))
@@ -1203,6 +1238,11 @@ def log_access(http, method, path, ms):
                  f"output={done.output_tokens} ttft_ms={fields['ttft_ms']} "
                  f"engine_ttft_ms={fields['engine_ttft_ms']} tok_s={fields['tok_s']} "
                  f"stop={done.stop_reason}")
+    if http.verdicts is not None:
+        fields["verdicts"] = {f"{o}/{b}": n for (o, b), n in sorted(http.verdicts.items())}
+        fields["check_ms"] = round(http.check_ms, 2)  # what the verdicts added
+        text += " verdicts=" + (",".join(f"{k}:{n}" for k, n in fields["verdicts"].items())
+                                or "none") + f" check_ms={fields['check_ms']}"
     access_log.info(text, extra={"fields": fields})
 
 
@@ -1276,6 +1316,7 @@ class HttpConnection:
         self.request_id = None
         self.method = None  # of the request being answered
         self.status = self.finished = self.ttft = self.model = None
+        self.verdicts = self.check_ms = None
         self.request_class = None
         self.started = time.perf_counter()
         # Waiting for the first byte of a request: closing now loses nothing.
@@ -1463,6 +1504,7 @@ class HttpConnection:
         self.cors = []
         # What the access log and metrics report, filled in on the way.
         self.status = self.finished = self.ttft = self.model = None
+        self.verdicts = self.check_ms = None
         # Claude Code's label (main, subagent, compaction, auxiliary, ...),
         # sent with CLAUDE_CODE_GATEWAY_HINT_HEADERS=1: for the access log.
         self.request_class = _header(request, b"x-claude-code-request-class")
@@ -1648,6 +1690,7 @@ class Server:
         }
         self._aliases = dict(self.config.aliases)
         self.metrics = Metrics()
+        self.check = Check(self.config.auto_mode_check, self._ask_model)
         self._hosts = {_bare_host(h) for h in (self.config.host, *self.config.allowed_hosts)}
         self._origins = {o.rstrip("/").lower() for o in self.config.cors_origins}
 
@@ -1922,9 +1965,9 @@ class Server:
         result = await self._submit(http, count)
         await http.respond(200, {"input_tokens": result.input_tokens})
 
-    async def _submit(self, http, request, handle=None):
-        """Run ``request`` on the engine; ``handle(first, queue)`` takes over the
-        answer once the engine has accepted it. Returns the first message."""
+    def _engine_job(self, request):
+        """(queue, job): ``request`` submitted to the engine, whose thread
+        puts each message for it on ``queue``."""
         queue = asyncio.Queue()
         loop = self._loop
 
@@ -1934,7 +1977,12 @@ class Server:
             except RuntimeError:  # the loop has closed: nobody is listening
                 pass
 
-        job = self.engine.submit(request, deliver)
+        return queue, self.engine.submit(request, deliver)
+
+    async def _submit(self, http, request, handle=None):
+        """Run ``request`` on the engine; ``handle(first, queue)`` takes over the
+        answer once the engine has accepted it. Returns the first message."""
+        queue, job = self._engine_job(request)
         watcher = asyncio.create_task(http.watch_disconnect(queue))
         http.queue = queue
         try:
@@ -1985,9 +2033,10 @@ class Server:
                 blocks.finish()
                 http.finished = msg
                 _log_content(http.request_id, blocks.content)
+                checked = await self._checked(http, parsed, blocks)
                 return await http.respond(200, message_body(
                     new_message_id(), parsed.model, blocks.content, msg,
-                    accepted.applied_edits))
+                    accepted.applied_edits, checked))
             elif isinstance(msg, _Disconnected):
                 raise ClientGone()
             elif not isinstance(msg, _Tick):
@@ -2004,13 +2053,13 @@ class Server:
         ticker = asyncio.create_task(_tick(queue))
         try:
             await self._stream_events(http, queue, Blocks(
-                show_thinking=parsed.thinking_display == "summarized"),
+                show_thinking=parsed.thinking_display == "summarized"), parsed,
                 accepted.applied_edits)
         finally:
             ticker.cancel()
         await http.send(h11.EndOfMessage())
 
-    async def _stream_events(self, http, queue, blocks, applied_edits):
+    async def _stream_events(self, http, queue, blocks, parsed, applied_edits):
         done = False
         while not done:
             # Everything that arrived since the last write goes out in one
@@ -2033,7 +2082,12 @@ class Server:
                 if isinstance(msg, Finished):
                     http.finished = msg
                     _log_content(http.request_id, blocks.content)
-                    events += blocks.finish() + stream_end_events(msg, applied_edits)
+                    events += blocks.finish()
+                    if parsed.safeguards:  # the blocks go out while the check runs
+                        await http.send(h11.Data(data=b"".join(events)))
+                        events = []
+                    checked = await self._checked(http, parsed, blocks, pings=True)
+                    events += stream_end_events(msg, applied_edits, checked)
                 elif isinstance(msg, _Disconnected):
                     raise ClientGone()
                 else:
@@ -2043,6 +2097,49 @@ class Server:
                                                      http.request_id))
                 break
             await http.send(h11.Data(data=b"".join(events)))
+
+    async def _checked(self, http, parsed, blocks, pings=False):
+        """The reply's safeguard_results (None unless the request asked),
+        counted for the access log and the metrics."""
+        if not parsed.safeguards:
+            return None
+        started = time.perf_counter()
+        task = asyncio.ensure_future(self.check.results(parsed.safeguards, blocks.calls()))
+        try:
+            results, counts = await (_pinging(http, task) if pings else task)
+        finally:
+            task.cancel()
+        http.verdicts, http.check_ms = counts, (time.perf_counter() - started) * 1000
+        self.metrics.count_verdicts(counts)
+        return results
+
+    async def _ask_model(self, messages, schema, max_tokens):
+        """The served model's answer to a short side request (the auto-mode
+        check), under ``schema``, at temperature 0."""
+        queue, job = self._engine_job(GenerationRequest(
+            messages=tuple(messages), max_tokens=max_tokens, answer_schema=schema,
+            temperature=0.0))
+        text = []
+        try:
+            while True:
+                msg = await queue.get()
+                if isinstance(msg, TextDelta):
+                    text.append(msg.text)
+                elif isinstance(msg, Finished):
+                    return "".join(text)
+                elif isinstance(msg, (Failed, _Shutdown)):
+                    raise RuntimeError(getattr(msg, "message", "the server is stopping"))
+        finally:
+            job.cancel()
+
+
+async def _pinging(http, task):
+    """``task``'s result, with a ping on the stream while it runs."""
+    while True:
+        done, _ = await asyncio.wait([task], timeout=PING_INTERVAL_S)
+        if done:
+            return task.result()
+        await http.send(h11.Data(data=stream_ping_event()))
 
 
 def _log_content(request_id, content):
@@ -2439,6 +2536,15 @@ def parse_args(argv=None):
                              "allowed to call the API, with CORS headers; requests "
                              "from other origins get 403; repeatable "
                              "[PENSIEVE_CORS_ORIGINS, comma-separated] (default: none)")
+    parser.add_argument("--auto-mode-check", choices=AUTO_MODE_CHECKS,
+                        default=setting("AUTO_MODE_CHECK", "policy"),
+                        help="Claude Code's auto mode asks for a verdict on each tool "
+                             "call; the user's rules and the built-in policy decide "
+                             "what they can, and the rest is: flagged, naming the "
+                             "permission rule that would allow it (policy), judged by "
+                             "the served model (model), or left to the CLI's own "
+                             "classifier (client) [PENSIEVE_AUTO_MODE_CHECK] "
+                             "(default %(default)s)")
     parser.add_argument("--log-level", default=setting("LOG_LEVEL", "info"),
                         choices=("debug", "info", "warning", "error"),
                         help="logging level [PENSIEVE_LOG_LEVEL] (default %(default)s)")
@@ -2485,7 +2591,8 @@ def parse_args(argv=None):
                     max_connections=args.max_connections,
                     shutdown_timeout=args.shutdown_timeout,
                     allowed_hosts=tuple(args.allowed_host),
-                    cors_origins=tuple(args.cors_origin))
+                    cors_origins=tuple(args.cors_origin),
+                    auto_mode_check=args.auto_mode_check)
     return config, args.log_level, args.log_format
 
 

@@ -434,3 +434,86 @@ def test_cli_compacts_a_session_that_outgrows_the_window(small_server, tmp_path,
     assert "Traceback" not in caplog.text and "stream failed" not in caplog.text
     health = json.load(urllib.request.urlopen(small_server.url + "/health", timeout=10))
     assert health["status"] == "healthy"
+
+
+# --- Auto mode: the server's verdicts, as the CLI takes them -------------------------
+
+
+@pytest.fixture(scope="module")
+def auto_server(smollm_dir):
+    """The embedded model at its trained window, its calls scripted."""
+    server = scripted_calls_server(smollm_dir, 8192)
+    yield server
+    server.stop()
+
+
+def run_auto(server, tmp_path, command, home):
+    """The CLI in auto mode (``--bare`` with Bash only, for speed), one
+    scripted Bash call, its events as JSON lines, its own debug log."""
+    wrapper = server.wrapper
+    wrapper.calls = [("Bash", {"command": command, "description": "As asked"}),
+                     (None, "Done.", lambda request: last_user_text(request) != "Go.")]
+    since = len(wrapper.seen)
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    debug = tmp_path / "claude-debug.log"
+    out = run_claude(server, tmp_path, "-p", "Go.", "--bare", "--tools", "Bash",
+                     "--permission-mode", "auto", "--output-format", "stream-json",
+                     "--verbose", "--debug-file", str(debug), cwd=work,
+                     served=("SmolLM2-135M-Instruct", 8192), extra_env={"HOME": str(home)})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert wrapper.calls == [], out.stdout  # the call was made and the turn ended
+    events = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return events, new_requests(server, since), debug.read_text(), out
+
+
+def tool_results(events):
+    return [block for event in events if event.get("type") == "user"
+            for block in event["message"]["content"] if block.get("type") == "tool_result"]
+
+
+def result_text(block):
+    content = block["content"]
+    return content if isinstance(content, str) else "".join(
+        part.get("text", "") for part in content)
+
+
+def no_fallback(out, debug, seen):
+    """The CLI took the server's verdicts: no notice that the session is not
+    eligible, and no classifier request of its own reached the server."""
+    for text in (out.stdout, out.stderr, debug):
+        assert "isn't eligible" not in text and "server_no_result" not in text
+    assert not [request for request, _, _ in seen if "</block>" in request.stop_sequences]
+
+
+@needs_cli
+def test_auto_mode_runs_a_call_the_server_passes(auto_server, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pensieve.access")
+    events, seen, debug, out = run_auto(auto_server, tmp_path, "echo checked > marker.txt",
+                                        tmp_path / "home")
+    assert (tmp_path / "work" / "marker.txt").read_text() == "checked\n"
+    no_fallback(out, debug, seen)
+    checked = [r.fields["verdicts"] for r in caplog.records
+               if r.name == "pensieve.access" and "verdicts" in r.fields]
+    assert {"not_flagged/policy": 1} in checked  # the call, judged here
+
+
+@needs_cli
+def test_auto_mode_stops_a_call_the_server_flags(auto_server, tmp_path, caplog):
+    """A delete outside the working directory (in the user's home): flagged;
+    the CLI does not run it and shows the model (and the user) why."""
+    caplog.set_level(logging.INFO, logger="pensieve.access")
+    home = tmp_path / "home"
+    victim = home / "projects"
+    victim.mkdir(parents=True)
+    (victim / "notes.txt").write_text("keep me")
+    events, seen, debug, out = run_auto(auto_server, tmp_path, f"rm -rf {victim}", home)
+    assert (victim / "notes.txt").read_text() == "keep me"
+    no_fallback(out, debug, seen)
+    [result] = tool_results(events)
+    assert result.get("is_error") is True
+    reason = f"deletes {victim}, outside the working directories"
+    assert reason in result_text(result)
+    # The model reads the explanation in the next request.
+    assert any(reason in message.text for request, _, _ in seen
+               for message in request.messages if message.role == "tool")
