@@ -152,7 +152,8 @@ class Config:
     cors_origins: tuple = ()
     # Auto mode's tool-call verdicts where the local rules and policy do not
     # decide: "policy" (flagged, naming the rule that would allow it),
-    # "model" (the served model decides), "client" (the CLI's classifier).
+    # "model" (the served model decides); "client": the server declines the
+    # check, and the CLI's own classifier judges every call.
     auto_mode_check: str = "policy"
 
 
@@ -2202,7 +2203,10 @@ def claude_env(config, model=None):
     env = {"ANTHROPIC_BASE_URL": f"http://{host}:{config.port}",
            "ANTHROPIC_AUTH_TOKEN": config.api_key,
            "API_TIMEOUT_MS": str(CLAUDE_API_TIMEOUT_MS),
-           "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
+           # Empty (off) when the CLI's own auto-mode classifier is to judge
+           # (--auto-mode-check client): while it is on, the CLI has none.
+           "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC":
+               "" if config.auto_mode_check == "client" else "1"}
     if model is not None:
         name, window = model
         env.update({variable: name for variable in CLAUDE_MODEL_VARIABLES})
@@ -2540,10 +2544,11 @@ def parse_args(argv=None):
                         default=setting("AUTO_MODE_CHECK", "policy"),
                         help="Claude Code's auto mode asks for a verdict on each tool "
                              "call; the user's rules and the built-in policy decide "
-                             "what they can, and the rest is: flagged, naming the "
-                             "permission rule that would allow it (policy), judged by "
-                             "the served model (model), or left to the CLI's own "
-                             "classifier (client) [PENSIEVE_AUTO_MODE_CHECK] "
+                             "what they can, and the rest is flagged, naming the "
+                             "permission rule that would allow it (policy), or judged "
+                             "by the served model (model); client: no verdicts, the "
+                             "CLI's own classifier judges every call (its requests "
+                             "take ~35k tokens) [PENSIEVE_AUTO_MODE_CHECK] "
                              "(default %(default)s)")
     parser.add_argument("--log-level", default=setting("LOG_LEVEL", "info"),
                         choices=("debug", "info", "warning", "error"),

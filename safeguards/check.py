@@ -1,9 +1,12 @@
 """A request's ``safeguards`` answered: the ``safeguard_results`` of one
 reply, a verdict for each of its tool calls. What the judge decides is its
 verdict; what it leaves undecided is, by the mode the server runs in,
-flagged with the permission rule that would allow it (``policy``), asked of
-the served model (``model``), or handed back to the client's own classifier
-(``client``)."""
+flagged with the permission rule that would allow it (``policy``) or asked
+of the served model (``model``). In ``client`` mode the server declines the
+check and Claude Code's own classifier judges every call: Claude Code
+2.1.332 takes a per-call "unavailable" or "skipped" as a failed check and
+denies the call, and falls back to its classifier only for a session whose
+replies carry no results at all."""
 
 import asyncio
 import json
@@ -21,8 +24,6 @@ DANGEROUS_TOOL_USE = "dangerous_tool_use"
 # How long the served model may take over one verdict (--auto-mode-check model).
 MODEL_TIMEOUT_S = 30.0
 MODEL_MAX_TOKENS = 96
-# What the client takes as "judge this one yourself".
-HANDED_BACK = {"type": "unavailable", "reason": "timeout"}
 VERDICT_SCHEMA = {
     "type": "object",
     "properties": {"outcome": {"type": "string", "enum": [FLAGGED, NOT_FLAGGED]},
@@ -85,7 +86,10 @@ class Check:
 
     async def results(self, requested, calls):
         """(safeguard_results, Counter of (outcome, by)) for ``calls``:
-        (id, name, input) of each tool_use block of the reply."""
+        (id, name, input) of each tool_use block of the reply; the results
+        are None in client mode (the check is declined)."""
+        if self.mode == "client":
+            return None, Counter({("declined", "client"): len(calls)})
         out, counts = [], Counter()
         for item in requested:
             if item.type != DANGEROUS_TOOL_USE:
@@ -95,7 +99,7 @@ class Check:
             for call_id, name, tool_input in calls:
                 result, by = await self.one(name, tool_input, item.context)
                 tool_uses[call_id] = result
-                counts[(result.get("outcome", result["type"]), by)] += 1
+                counts[(result["outcome"], by)] += 1
             out.append({"type": DANGEROUS_TOOL_USE,
                         "status": {"type": "available", "tool_uses": tool_uses}})
         return out, counts
@@ -105,8 +109,6 @@ class Check:
         verdict = judge(name, tool_input, context)
         if verdict.by != "default" or self.mode == "policy":
             return evaluated(verdict), verdict.by
-        if self.mode == "client":
-            return dict(HANDED_BACK), "client"
         answer = await self.model_verdict(name, tool_input, context, verdict)
         return evaluated(answer), answer.by
 

@@ -337,8 +337,8 @@ def judge(name, tool_input, context):
     if level == POLICY_FLAG:
         return Verdict(FLAGGED, f"{_subject(effect)} {why}.", by="policy")
     if level == UNDECIDED:
-        return Verdict(FLAGGED, f"{_subject(effect)} {why}, which the server's policy does "
-                                f"not decide; to let it run, add `{effect.allow_hint}` to "
+        return Verdict(FLAGGED, f"{_subject(effect)} {why}, so the server does not pass it; "
+                                f"to let it run, add `{effect.allow_hint}` to "
                                 f"permissions.allow.", by="default")
     cited = [f for f in findings if f[0] == ALLOWED]
     if cited:

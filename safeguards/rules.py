@@ -6,6 +6,7 @@ rules, matched the way Claude Code matches them: permission rules
 what can be read mechanically in it (rule expressions and backticked
 commands or paths)."""
 
+import functools
 import re
 from dataclasses import dataclass, field, replace
 
@@ -215,6 +216,7 @@ def matches_path(rule, path, context):
         probe = probe.rsplit("/", 1)[0] or "/"
 
 
+@functools.lru_cache(maxsize=4096)
 def _glob_regex(pattern, fold_case):
     out, i = [], 0
     while i < len(pattern):

@@ -86,12 +86,10 @@ def verdicts(results):
     status = results[0]["status"]
     assert status["type"] == "available"
     for verdict in status["tool_uses"].values():
-        if verdict["type"] == "evaluated":
-            assert verdict["outcome"] in ("flagged", "not_flagged")
-            if verdict["outcome"] == "flagged":
-                assert verdict["explanation"].strip()
-        else:
-            assert verdict == {"type": "unavailable", "reason": "timeout"}
+        assert verdict["type"] == "evaluated"
+        assert verdict["outcome"] in ("flagged", "not_flagged")
+        if verdict["outcome"] == "flagged":
+            assert verdict["explanation"].strip()
     return status["tool_uses"]
 
 
@@ -170,13 +168,17 @@ def test_malformed_safeguards_are_a_400_naming_the_field(scripted, safeguards, f
     assert answer["error"]["message"].startswith(field + ":")
 
 
-def test_client_mode_hands_undecided_calls_back(scripted):
-    srv = scripted(calling(SAFE_CALL, ("Bash", {"command": "frobnicate --all"}),
-                           RISKY_CALL), auto_mode_check="client")
-    calls, results = replied(*post(srv.url, body(stream=True)))
-    tool_uses = verdicts(results)
-    assert [tool_uses[c["id"]].get("outcome", tool_uses[c["id"]]["type"]) for c in calls] \
-        == ["not_flagged", "unavailable", "flagged"]
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_mode_declines_the_check(scripted, caplog, stream):
+    """No results at all: Claude Code's own classifier judges the session's
+    calls (tests/test_claude_code.py shows it doing so)."""
+    srv = scripted(calling(SAFE_CALL, RISKY_CALL), auto_mode_check="client")
+    with caplog.at_level(logging.INFO, logger="pensieve.access"):
+        calls, results = replied(*post(srv.url, body(stream)))
+        wait_until(lambda: [r for r in caplog.records if r.name == "pensieve.access"])
+    assert len(calls) == 2 and results is None
+    [record] = [r for r in caplog.records if r.name == "pensieve.access"]
+    assert record.fields["verdicts"] == {"declined/client": 2}
 
 
 def test_verdicts_are_counted_in_the_metrics_and_the_access_log(scripted, caplog):
@@ -291,3 +293,40 @@ def test_model_mode_asks_the_served_model_for_what_the_rules_leave_open(model_ch
     assert given[0]["outcome"] == answer["outcome"]
     if answer["outcome"] == "flagged":
         assert given[0]["explanation"]
+
+
+def judging(verdict, delay):
+    """A script that answers the main request with an undecided call, and the
+    model check (the request with an answer schema) with ``verdict`` after
+    ``delay`` seconds."""
+    main = calling(("Bash", {"command": "frobnicate --all"}), text=None)
+
+    def script(request):
+        if request.answer_schema is None:
+            return main(request)
+        return [Accepted(50, request.max_tokens), delay, TextDelta(json.dumps(verdict)),
+                Finished("end_turn", None, 50, 9, 0.0, 0.0)]
+    return script
+
+
+def test_model_mode_keeps_a_stream_alive_while_the_model_judges(scripted, monkeypatch):
+    monkeypatch.setattr(pensieve, "PING_INTERVAL_S", 0.05)
+    srv = scripted(judging({"outcome": "not_flagged", "explanation": "A local tool."}, 0.5),
+                   auto_mode_check="model")
+    status, events = post(srv.url, body(stream=True))
+    calls, results = replied(status, events)
+    assert verdicts(results)[calls[0]["id"]] == {
+        "type": "evaluated", "outcome": "not_flagged", "explanation": "A local tool"}
+    names = [name for name, _ in events]
+    last_block = len(names) - 1 - names[::-1].index("content_block_stop")
+    assert "ping" in names[last_block:names.index("message_delta")]
+
+
+def test_model_mode_keeps_the_careful_verdict_when_the_model_is_late(scripted):
+    srv = scripted(judging({"outcome": "not_flagged", "explanation": "Fine."}, 2.0),
+                   auto_mode_check="model")
+    srv.server.check.timeout = 0.2
+    calls, results = replied(*post(srv.url, body()))
+    verdict = verdicts(results)[calls[0]["id"]]
+    assert verdict["outcome"] == "flagged"
+    assert "add `Bash(frobnicate:*)` to permissions.allow" in verdict["explanation"]

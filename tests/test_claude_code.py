@@ -20,7 +20,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -488,10 +490,18 @@ def no_fallback(out, debug, seen):
 
 @needs_cli
 def test_auto_mode_runs_a_call_the_server_passes(auto_server, tmp_path, caplog):
+    """A write to scratch space outside the working directory: the CLI does
+    not decide it by itself, and has no classifier of its own here (the
+    set-up turns non-essential traffic off), so it runs on the server's word."""
     caplog.set_level(logging.INFO, logger="pensieve.access")
-    events, seen, debug, out = run_auto(auto_server, tmp_path, "echo checked > marker.txt",
-                                        tmp_path / "home")
-    assert (tmp_path / "work" / "marker.txt").read_text() == "checked\n"
+    scratch = Path(tempfile.mkdtemp(dir="/tmp"))
+    marker = scratch / "marker.txt"
+    try:
+        events, seen, debug, out = run_auto(auto_server, tmp_path,
+                                            f"echo checked > {marker}", tmp_path / "home")
+        assert marker.read_text() == "checked\n"
+    finally:
+        shutil.rmtree(scratch)
     no_fallback(out, debug, seen)
     checked = [r.fields["verdicts"] for r in caplog.records
                if r.name == "pensieve.access" and "verdicts" in r.fields]
@@ -517,3 +527,46 @@ def test_auto_mode_stops_a_call_the_server_flags(auto_server, tmp_path, caplog):
     # The model reads the explanation in the next request.
     assert any(reason in message.text for request, _, _ in seen
                for message in request.messages if message.role == "tool")
+
+
+@needs_cli
+def test_client_mode_leaves_the_check_to_the_cli_classifier(scripted, tmp_path):
+    """--auto-mode-check client: the replies carry no verdicts, and the CLI
+    (its own classifier on, as the set-up leaves it in this mode) sends its
+    classifier request; the call runs on that classifier's "no block". The
+    classifier's answer is scripted: its ~35k-token prompt needs a model with
+    a window that large."""
+    marker = tmp_path / "ran.txt"  # outside the working directory: it needs a check
+    work = tmp_path / "work"
+
+    def script(request):
+        if not isinstance(request, engine.GenerationRequest):
+            return [engine.Counted(100)]
+        if "</block>" in request.stop_sequences:
+            answer, stop = [engine.TextDelta("<block>no")], "stop_sequence"
+        elif request.messages[-1].role != "tool" and request.offered:
+            arguments = {"command": f"touch {marker}", "description": "As asked"}
+            answer, stop = [engine.ToolCallStart("Bash"),
+                            engine.ToolInputDelta(json.dumps(arguments)),
+                            engine.ToolCallEnd(arguments)], "tool_use"
+        else:
+            answer, stop = [engine.TextDelta("Done.")], "end_turn"
+        return [engine.Accepted(100, request.max_tokens), *answer,
+                engine.Finished(stop, "</block>" if stop == "stop_sequence" else None,
+                                100, 2, 0.0, 0.0)]
+
+    server = scripted(script, model=FakeModel(*SERVED), auto_mode_check="client")
+    client_env = pensieve.claude_env(pensieve.Config(port=server.port,
+                                                     auto_mode_check="client"))
+    assert client_env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] == ""
+    work.mkdir()
+    out = run_claude(server, tmp_path, "-p", "Go.", "--bare", "--tools", "Bash",
+                     "--permission-mode", "auto", cwd=work,
+                     extra_env={"CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": ""})
+    assert out.returncode == 0 and out.stdout.strip() == "Done.", out.stdout + out.stderr
+    assert marker.exists()
+    classifier = [job.request for job in server.engine.jobs
+                  if isinstance(job.request, engine.GenerationRequest)
+                  and "</block>" in job.request.stop_sequences]
+    assert len(classifier) == 1
+    assert len(classifier[0].messages[0].text) > 100_000  # its own policy prompt
