@@ -93,12 +93,17 @@ def forced(url, command):
 def over_http(server, log, command, replies):
     """(check ms, reply ms, verdicts seen) over ``replies`` answers, after one
     warm-up (the prompt lands in the cache as Claude Code's do)."""
+    def logged(n):  # the access log is written once the answer is out
+        deadline = time.monotonic() + 10
+        while len(log.fields) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    log.fields.clear()
     forced(server.url, command)
+    logged(1)
     log.fields.clear()
     seen = [forced(server.url, command) for _ in range(replies)]
-    deadline = time.monotonic() + 10
-    while len(log.fields) < replies and time.monotonic() < deadline:
-        time.sleep(0.01)
+    logged(replies)
     checks = [f["check_ms"] for f in log.fields]
     whole = [f["ms"] for f in log.fields]
     return checks, whole, seen
