@@ -14,7 +14,8 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 
-from safeguards.policy import FLAGGED, NOT_FLAGGED, Verdict, judge
+from safeguards.judge import judge
+from safeguards.policy import FLAGGED, NOT_FLAGGED, Verdict
 from safeguards.rules import Context
 
 log = logging.getLogger("pensieve.safeguards")

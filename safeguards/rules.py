@@ -67,7 +67,12 @@ def prose_rules(entry, path):
         if text in seen or RULE_EXPRESSION.fullmatch(text):
             continue
         seen.add(text)
-        kind = "path" if text.startswith(("/", "~", "./")) else "command"
+        if text.startswith(("/", "~", "./")):
+            kind = "path"
+        elif re.fullmatch(r"[\w.+-]+", text.split()[0]):
+            kind = "command"
+        else:
+            continue  # quoted text that names no command (a marker, a sentence)
         out.append(Rule(path, text, None, text, None, kind, name))
     return out
 

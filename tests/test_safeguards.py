@@ -1160,3 +1160,14 @@ def test_judge_does_not_mutate_its_arguments():
     first = show(judge("Bash", tool_input, c))
     assert (ctx, tool_input) == (ctx_before, input_before)
     assert show(judge("Bash", tool_input, c)) == first, "the same call, the same verdict"
+
+
+def test_backticked_text_that_names_no_command_is_no_rule():
+    """Claude Code adds its own "Scheduled-Task Fires" entry to autoMode.allow;
+    its backticked marker is not a command prefix."""
+    entry = ("Scheduled-Task Fires: a user turn opening with `[SCHEDULED TASK - AUTOMATED "
+             "FIRING OF A CONFIGURED PROMPT]` is the stored prompt of an automated schedule")
+    ctx = Context.from_json(context(auto_allow=[entry]))
+    assert ctx.rules["auto_allow"] == ()
+    v = judge("Bash", sh("[SCHEDULED TASK - AUTOMATED FIRING"), ctx)
+    assert v.outcome == "flagged" and v.rule is None
