@@ -15,7 +15,7 @@ from safeguards.policy import (
     GIT_ROUTINE, INTERPRETERS, KNOWN_PACKAGES, LOOPBACK, MAKERS, METADATA_HOSTS,
     NETWORK_PACKAGES, OS_READS, POLICY_FLAG, PURE_MODULES, PYTHON_MODULES, QUIET, READERS,
     ROUTINE, SAFE, SECURITY_SERVICES, UNDECIDED, Effect, path_effect)
-from safeguards.walk import SHELLS, Word, commands
+from safeguards.walk import SHELLS, Word, base_name, commands
 
 
 # === Shell text ==================================================================
@@ -46,7 +46,7 @@ class ShellEffects:
         something that sends it away."""
         out = []
         for stage, command in stages:
-            if _base(command.name) in DOWNLOADERS and any(
+            if base_name(command.name) in DOWNLOADERS and any(
                     later > stage and _reads_code_from_stdin(other)
                     for later, other in stages):
                 out.append(self.flag(command, "pipes a download into a program that runs it"))
@@ -81,7 +81,7 @@ class ShellEffects:
         if len(names) > 1 or command.name is None:
             return out + [self.flag(command, "runs a command whose name the server cannot "
                                              "know", UNDECIDED)]
-        return out + self.simple(command, _base(command.name))
+        return out + self.simple(command, base_name(command.name))
 
     def simple(self, command, name):
         words = command.words
@@ -478,10 +478,6 @@ def _text(command):
     return " ".join(w.values[0] if w.values else "" for w in command.words)
 
 
-def _base(name):
-    return name.rsplit("/", 1)[-1] if name else ""
-
-
 def _word(value):
     return Word((value,))
 
@@ -516,11 +512,11 @@ def _is_remote(operand):
 
 def _downloads(word):
     """Whether a word's value comes from a download (``$(curl …)``, ``<(wget …)``)."""
-    return any(_base(c.name) in DOWNLOADERS for sub in word.subs for c in sub)
+    return any(base_name(c.name) in DOWNLOADERS for sub in word.subs for c in sub)
 
 
 def _reads_code_from_stdin(command):
-    name = _base(command.name)
+    name = base_name(command.name)
     if name in ("eval", "source", "."):
         return True
     if name not in INTERPRETERS:

@@ -244,7 +244,7 @@ class _Walker:
 
     def inner(self, command, state, depth):
         """The commands that ``command`` runs in turn."""
-        name = _base(command.name)
+        name = base_name(command.name)
         words = command.words
         if name == "eval" and len(words) > 1:
             self.nested(" ".join(w.values[0] for w in words[1:]) if all(
@@ -268,9 +268,8 @@ class _Walker:
                 self.out[-1] = replace(command, wraps=True)
                 self.emit(inner)
                 self.inner(inner, _State(cwds, state.env), depth)
-        elif runner_command(words):
-            inner = replace(command, words=tuple(runner_command(words)), via=name,
-                            stdin=None)
+        elif run := runner_command(words):
+            inner = replace(command, words=tuple(run), via=name, stdin=None)
             self.out[-1] = replace(command, wraps=True)
             self.emit(inner)
             self.inner(inner, state, depth)
@@ -317,15 +316,7 @@ class _Walker:
         self.inner(inner, state, depth)
 
     def find(self, command, state, depth):
-        words = command.words[1:]
-        roots = []
-        while words and not (words[0].text is not None
-                             and words[0].text.startswith(("-", "(", "!"))):
-            roots.append(words[0])
-            words = words[1:]
-        found = Word(tuple(dict.fromkeys(
-            (v.rstrip("/") or "/") + "/" + BELOW
-            for root in (roots or [Word((".",))]) for v in root.values))[:MAX_VALUES])
+        found, words = _found(command.words[1:])
         i = 0
         while i < len(words):
             flag = words[i].text
@@ -424,21 +415,14 @@ def _output(command):
     """What a pipeline stage prints, as a word for ``xargs``: the names a
     ``find`` or a file lister turns up, the words an ``echo`` prints, else
     unknown."""
-    name = _base(command.name)
+    name = base_name(command.name)
     words = command.words[1:]
     if name in ("echo", "printf"):
         values = [v for w in words if not (w.text or "").startswith("-") for value in w.values
                   for v in (value.split() or [""])]
         return Word(tuple(dict.fromkeys(values))[:MAX_VALUES] or ("",))
     if name == "find":
-        roots = []
-        for word in words:
-            if word.text is not None and word.text.startswith(("-", "(", "!")):
-                break
-            roots.append(word)
-        return Word(tuple(dict.fromkeys((v.rstrip("/") or "/") + "/" + BELOW
-                                        for root in (roots or [Word((".",))])
-                                        for v in root.values))[:MAX_VALUES])
+        return _found(words)[0]
     listed = name in ("fd", "fdfind") or (name in ("grep", "rg", "ag") and any(
         (w.text or "") in ("-l", "--files-with-matches", "--files") for w in words)) or (
         name == "git" and any((w.text or "") in ("ls-files", "--name-only") for w in words))
@@ -447,14 +431,26 @@ def _output(command):
     return Word((UNKNOWN,))
 
 
+def _found(words):
+    """(the paths a ``find`` turns up, as a word; its words after the
+    roots): an unknown word is a root too, the default root is ``.``."""
+    roots = []
+    while words and not (words[0].text is not None
+                         and words[0].text.startswith(("-", "(", "!"))):
+        roots.append(words[0])
+        words = words[1:]
+    found = Word(tuple(dict.fromkeys(
+        (v.rstrip("/") or "/") + "/" + BELOW
+        for root in (roots or [Word((".",))]) for v in root.values))[:MAX_VALUES])
+    return found, words
+
+
 def _assignment(token):
+    """Whether a word token is ``NAME=value`` (or ``NAME+=value``) as written."""
     if token.kind != "word" or not token.parts or token.parts[0][0] != "lit" \
             or token.parts[0][2]:
         return False
-    head = token.parts[0][1]
-    name, eq, _ = head.partition("=")
-    name = name[:-1] if name.endswith("+") else name
-    return bool(eq) and name.isidentifier()
+    return _assignment_text(token.parts[0][1], append=True)
 
 
 def _globby(text):
@@ -471,7 +467,8 @@ def _special(name, state, home):
     return None
 
 
-def _base(name):
+def base_name(name):
+    """A command's name without its directory (``/usr/bin/rm``: ``rm``)."""
     return name.rsplit("/", 1)[-1] if name else name
 
 
@@ -548,8 +545,10 @@ def _unwrap(name, words, cwds, home):
     return list(words[i:]), cwds
 
 
-def _assignment_text(text):
+def _assignment_text(text, append=False):
     name, eq, _ = text.partition("=")
+    if append and name.endswith("+"):
+        name = name[:-1]
     return bool(eq) and name.isidentifier()
 
 
