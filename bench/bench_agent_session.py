@@ -21,39 +21,18 @@ import json
 import os
 import platform
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_decode import KEY, publish, start_server, stop_server  # noqa: E402
+from common import (KEY, get_json, proc_memory, publish, start_server,  # noqa: E402
+                    stop_server, stream)
 
 CAPTURE = ROOT / "tests" / "captures" / "claude-2.1.197" / "full-main.json"
 TOOL_RESULT = ("total 48\n-rw-r--r-- 1 dev dev  1203 README.md\n-rw-r--r-- 1 dev dev "
                "40321 pensieve.py\ndrwxr-xr-x 2 dev dev  4096 engine\n") * 3
-
-
-def stream(port, body):
-    import http.client
-
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    start = time.perf_counter()
-    conn.request("POST", "/v1/messages?beta=true", json.dumps(body),
-                 {"x-api-key": KEY, "content-type": "application/json"})
-    first, text, usage = None, [], {}
-    for line in conn.getresponse():
-        if not line.startswith(b"data: "):
-            continue
-        data = json.loads(line[6:])
-        if data["type"] == "content_block_delta":
-            first = first or time.perf_counter()
-            text.append(data["delta"]["text"])
-        elif data["type"] == "message_delta":
-            usage = data["usage"]
-    conn.close()
-    return (first or time.perf_counter()) - start, "".join(text), usage
 
 
 def count(port, body):
@@ -66,24 +45,6 @@ def count(port, body):
     n = json.loads(conn.getresponse().read())["input_tokens"]
     conn.close()
     return n
-
-
-def get_json(port, path):
-    import http.client
-
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    conn.request("GET", path)
-    data = json.loads(conn.getresponse().read())
-    conn.close()
-    return data
-
-
-def proc_memory(pid, field="VmHWM"):
-    """A process's memory from /proc, in bytes: VmHWM is the peak RSS."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def user_turn(text):

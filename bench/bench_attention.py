@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_decode import publish  # noqa: E402
+from common import publish  # noqa: E402
 from engine.models import use_openblas  # noqa: E402
 
 use_openblas()  # before MLX is imported, as the server does

@@ -32,13 +32,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the judge's tables, the in-process server
 
-from bench_decode import publish  # noqa: E402
-from conftest import API_KEY, ServerThread  # noqa: E402
+from common import publish  # noqa: E402
 from engine.models import embedded_gguf, imported_dir, use_openblas  # noqa: E402
 
 use_openblas()  # before MLX is imported, as the server does
 import pensieve  # noqa: E402
 import test_safeguards as tables  # noqa: E402
+from helpers import API_KEY, ServerThread  # noqa: E402
 from safeguards import Context, judge  # noqa: E402
 
 SAFEGUARDS = json.loads((ROOT / "tests" / "captures" / "claude-2.1.332" / "auto-main.json")
@@ -127,14 +127,14 @@ def main():
     try:
         policy_checks, policy_whole, policy_seen = over_http(server, log, "git status",
                                                              args.replies)
-        server.server.check.mode = "model"  # the same server, now asking its model
+        server.server.api.check.mode = "model"  # the same server, now asking its model
         model_checks, model_whole, model_seen = over_http(server, log, "frobnicate --all",
                                                           args.model_replies)
     finally:
         server.stop()
     assert {v["outcome"] for v in policy_seen} == {"not_flagged"}
     outcomes = sorted({v["outcome"] for v in model_seen})
-    loaded = server.server._model
+    loaded = server.server.models.info
     lines = [
         f"### {date.today()} — auto mode's check, {platform.machine()} "
         f"{os.cpu_count()} cores, {loaded.device}, {loaded.weights}",

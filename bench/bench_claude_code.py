@@ -32,14 +32,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the scripted-call engine the tests use
 
-from bench_decode import publish  # noqa: E402
-from conftest import ScriptedCalls, ServerThread, claude_cli  # noqa: E402
+from common import publish  # noqa: E402
 from engine.models import use_openblas  # noqa: E402
 
 use_openblas()  # before MLX is imported, as the server does
 import engine  # noqa: E402
 from engine.attention import cores  # noqa: E402
 import pensieve  # noqa: E402
+from helpers import ScriptedCalls, ServerThread, claude_cli  # noqa: E402
 
 
 def notes(lines):
@@ -86,7 +86,7 @@ def main():
     wrapper.calls = [("Read", {"file_path": str(work / "notes.txt")})]
     env = {**os.environ,
            **pensieve.claude_env(pensieve.Config(port=server.port),
-                                 (server.server._model.name, 32768)),
+                                 (server.server.models.info.name, 32768)),
            "CLAUDE_CONFIG_DIR": str(work / "claude-config"),
            "CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(MAX_OUTPUT),
            # The model rarely ends its turn within the cap at this depth; the

@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_decode import KEY, publish, start_server, stop_server  # noqa: E402
+from common import KEY, publish, start_server, stop_server  # noqa: E402
 
 TOOL = {
     "name": "create_event",

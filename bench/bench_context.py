@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_decode import publish  # noqa: E402
+from common import publish  # noqa: E402
 
 QUESTIONS = [("What is the capital of France?", "Paris"),
              ("What is 2+2?", "4"),

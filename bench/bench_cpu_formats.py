@@ -111,7 +111,7 @@ def main():
     lines += [f"| {name} | {r['prefill']:.1f} | {r['decode']:.1f} | {r['answer']!r} |"
               for name, r in rows]
     lines.append("")
-    from bench_decode import publish  # a sibling script
+    from common import publish  # beside this script
 
     publish("\n".join(lines), args.record)
 

@@ -22,9 +22,7 @@ import json
 import os
 import platform
 import re
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,30 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import KEY, PROMPT, local_once, publish, start_server, stop_server  # noqa: E402
+
 TTFT_SAMPLES = 15
-PROMPT = "Write a long, detailed story about a dragon who learns to write software."
-KEY = "bench-key"
-
-
-def local_once(loaded, tokens, prompt=PROMPT):
-    """One greedy generation with mlx-lm's stream_generate, timed."""
-    from mlx_lm import stream_generate
-    from mlx_lm.sample_utils import make_sampler
-
-    tok = loaded.tokenizer
-    start = time.perf_counter()
-    ids = tok.encode(tok.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True,
-        tokenize=False), add_special_tokens=False)
-    first = last = None
-    n = 0
-    for r in stream_generate(loaded.model, tok, ids, max_tokens=tokens,
-                             sampler=make_sampler(temp=0.0)):
-        last = time.perf_counter()
-        first = first or last
-        n = r.generation_tokens
-    return {"start": start, "first": first, "last": last, "tokens": n,
-            "ttft": first - start, "tps": (n - 1) / (last - first), "prompt": len(ids)}
 
 
 def http_once(port, tokens):
@@ -85,49 +62,6 @@ def http_once(port, tokens):
             "tokens": output_tokens}
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(proc, port, path, log, name="server", timeout=300, poll=0.2):
-    """Wait until ``GET path`` on ``port`` answers 200; raise if ``proc``
-    (``name``, its output in ``log``) exits or ``timeout`` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", path)
-            ok = conn.getresponse().status == 200
-            conn.close()
-            if ok:
-                return
-        except OSError:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise RuntimeError(f"{name} did not start; see {log.name}")
-        time.sleep(poll)
-
-
-def start_server(spec, log, extra=()):
-    port = free_port()
-    args = [sys.executable, str(ROOT / "pensieve.py"), "--port", str(port),
-            "--api-key", KEY, *(["--model", spec] if spec else []), *extra]
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    wait_ready(proc, port, "/health", log)
-    return proc, port
-
-
-def stop_server(proc, log):
-    proc.terminate()
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise RuntimeError(f"server ignored SIGTERM for 60 s; log kept at {log.name}")
-
-
 def measure(spec, tokens, runs):
     from engine.models import load
 
@@ -151,16 +85,6 @@ def measure(spec, tokens, runs):
         r["engine_ttft"], r["engine_tps"] = float(ttft) / 1000, float(tps)
     os.unlink(log.name)
     return loaded, local, served, short
-
-
-def publish(table, record):
-    """Print a result table; with ``record``, append it to bench/RESULTS.md."""
-    print(table)
-    if record:
-        results = ROOT / "bench" / "RESULTS.md"
-        gap = "" if results.read_text().endswith("\n\n") else "\n"
-        with open(results, "a") as f:
-            f.write(gap + table + "\n")
 
 
 def median(rows, key):

@@ -22,8 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_agent_session import get_json, proc_memory, stream  # noqa: E402
-from bench_decode import publish, start_server, stop_server  # noqa: E402
+from common import get_json, proc_memory, publish, start_server, stop_server, stream  # noqa: E402
 
 MB = 1024 * 1024
 

@@ -41,8 +41,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_decode import (KEY, PROMPT, free_port, local_once, publish,  # noqa: E402
-                          start_server, stop_server, wait_ready)
+from common import (KEY, PROMPT, free_port, local_once, publish,  # noqa: E402
+                    start_server, stop_server, wait_ready)
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
 

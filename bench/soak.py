@@ -54,7 +54,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_decode import KEY, free_port, publish, wait_ready  # noqa: E402
+from common import KEY, free_port, publish, wait_ready  # noqa: E402
 
 HOST = "127.0.0.1"
 MIB = 1024 * 1024

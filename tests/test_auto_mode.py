@@ -21,8 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import engine
 import pensieve
-from conftest import API_KEY, ScriptedCalls, ServerThread
-from test_http import wait_until
+from helpers import API_KEY, ScriptedCalls, ServerThread, wait_until
 from engine import Accepted, Finished, GenerationRequest, TextDelta, ToolCallEnd, \
     ToolCallStart, ToolInputDelta
 
@@ -287,7 +286,7 @@ def test_model_mode_asks_the_served_model_for_what_the_rules_leave_open(model_ch
     request, delivered, finished = checks[0]
     assert isinstance(request, GenerationRequest) and request.temperature == 0.0
     assert request.answer_schema["required"] == ["outcome", "explanation"]
-    assert "frobnicate --all" in request.messages[-1][1]
+    assert "frobnicate --all" in request.messages[-1].text
     assert finished is not None
     answer = json.loads("".join(m.text for m in delivered if isinstance(m, TextDelta)))
     assert given[0]["outcome"] == answer["outcome"]
@@ -325,7 +324,7 @@ def test_model_mode_keeps_a_stream_alive_while_the_model_judges(scripted, monkey
 def test_model_mode_keeps_the_careful_verdict_when_the_model_is_late(scripted):
     srv = scripted(judging({"outcome": "not_flagged", "explanation": "Fine."}, 2.0),
                    auto_mode_check="model")
-    srv.server.check.timeout = 0.2
+    srv.server.api.check.timeout = 0.2
     calls, results = replied(*post(srv.url, body()))
     verdict = verdicts(results)[calls[0]["id"]]
     assert verdict["outcome"] == "flagged"

@@ -16,9 +16,9 @@ import time
 
 import anthropic
 import pytest
-from conftest import API_KEY, ServerThread
+from helpers import API_KEY, FaultyEngine, ServerThread, SteppedEngine
 
-from engine import (Accepted, Engine, Failed, Finished, GenerationRequest, TextDelta,
+from engine import (Accepted, Engine, Failed, Finished, GenerationRequest, TextDelta, Tool,
                     ToolCallEnd)
 from pensieve import Config
 
@@ -84,31 +84,16 @@ class Timeline:
         return "".join(m.text for m in self.of(name) if isinstance(m, TextDelta))
 
 
+def solo_slot(engine):
+    """The Slot of the request running solo, or None."""
+    return engine._runners.solo.slot
+
+
 def solo(engine, request):
     line = Timeline()
     line.submit(engine, "solo", request)
     done = line.until("solo", (Finished, Failed))
     return line.text("solo"), done
-
-
-class SteppedEngine(Engine):
-    """Runs a step of work (solo or batch) only when the test calls ``step()``."""
-
-    def __init__(self, *args, **kw):
-        super().__init__(*args, **kw)
-        self._allowed = threading.Semaphore(0)
-
-    def step(self, n=1):
-        for _ in range(n):
-            self._allowed.release()
-
-    def _advance(self):
-        if self._solo is None and not self._running:
-            return  # nothing to run: the engine goes back to its inbox
-        while not self._allowed.acquire(timeout=0.1):
-            if self._stopping:
-                return
-        super()._advance()
 
 
 # --- Batching ----------------------------------------------------------------------
@@ -172,7 +157,7 @@ def test_batch_holds_max_running_and_the_rest_wait(engines):
     for name in "abc":
         line.until(name, Accepted)
     engine.step()
-    assert (engine.stats()["running"], engine.stats()["waiting"]) == (2, 1)
+    assert (engine.stats().running, engine.stats().waiting) == (2, 1)
     engine.step(1000)
     for name in "abc":
         if not line.of(name) or not isinstance(line.of(name)[-1], Finished):
@@ -186,24 +171,24 @@ def test_a_lone_request_moves_into_the_batch_and_back_without_losing_a_token(eng
     line.submit(engine, "long", greedy(max_tokens=60))
     line.until("long", Accepted)
     engine.step(10)  # reading, first token, then decoding alone
-    wait_for(lambda: engine._solo is not None and engine._solo.slot.output_tokens >= 5)
+    wait_for(lambda: solo_slot(engine) is not None and solo_slot(engine).output_tokens >= 5)
     line.submit(engine, "short", greedy("Tell me about dogs", max_tokens=5))
     engine.step()  # the engine takes it in after the step it is waiting to run
-    wait_for(lambda: engine._solo is None and engine.stats()["running"] == 2)  # one batch
+    wait_for(lambda: solo_slot(engine) is None and engine.stats().running == 2)  # one batch
     engine.step(20)
     line.until("short", Finished)
     # The last one left in the batch runs alone again.
-    wait_for(lambda: engine._solo is not None)
-    assert engine._solo.slot.job.request.max_tokens == 60
+    wait_for(lambda: solo_slot(engine) is not None)
+    assert solo_slot(engine).job.request.max_tokens == 60
     engine.step(1000)
     done = line.until("long", Finished)
     assert done.output_tokens == 60 and line.text("long") == alone
 
 
-WEATHER = {"name": "w", "input_schema": {
+WEATHER = Tool("w", {
     "type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
                                      "unit": {"enum": ["c", "f"]}},
-    "required": ["city", "unit"]}}
+    "required": ["city", "unit"]})
 
 
 def test_a_constrained_request_keeps_its_grammar_through_batch_moves(engines):
@@ -220,13 +205,13 @@ def test_a_constrained_request_keeps_its_grammar_through_batch_moves(engines):
     line.submit(engine, "call", call)
     line.until("call", Accepted)
     engine.step(10)
-    wait_for(lambda: engine._solo is not None and engine._solo.slot.output_tokens >= 4)
+    wait_for(lambda: solo_slot(engine) is not None and solo_slot(engine).output_tokens >= 4)
     line.submit(engine, "other", greedy("Tell me about dogs", max_tokens=4))
     engine.step()
-    wait_for(lambda: engine._solo is None and engine.stats()["running"] == 2)
+    wait_for(lambda: solo_slot(engine) is None and engine.stats().running == 2)
     engine.step(10)
     line.until("other", Finished)
-    wait_for(lambda: engine._solo is not None)
+    wait_for(lambda: solo_slot(engine) is not None)
     engine.step(1000)
     done = line.until("call", Finished)
     assert line.of("call")[1:] == alone.of("alone")[1:-1] + [done]
@@ -257,7 +242,7 @@ def test_cancel_mid_prompt_frees_the_slot_within_a_step(engines, caplog):
     job = line.submit(engine, "long", greedy(LONG_PROMPT, max_tokens=5))
     total = line.until("long", Accepted).input_tokens
     engine.step(3)  # three 16-token slices of a ~200-token prompt
-    while engine.stats()["running"] != 1:
+    while engine.stats().running != 1:
         pass
     job.cancel()
     line.submit(engine, "next", greedy(max_tokens=3))
@@ -267,7 +252,7 @@ def test_cancel_mid_prompt_frees_the_slot_within_a_step(engines, caplog):
     cancelled = [r.getMessage() for r in caplog.records if "cancelled after" in r.getMessage()]
     read = int(cancelled[0].split("after ")[1].split()[0])
     assert 0 < read < total - 16  # mid-prompt, and it read at most one more slice
-    assert engine.stats()["running"] == 0
+    assert engine.stats().running == 0
 
 
 def test_queued_request_whose_client_left_never_reaches_the_model(engines, caplog):
@@ -278,7 +263,7 @@ def test_queued_request_whose_client_left_never_reaches_the_model(engines, caplo
     queued = line.submit(engine, "queued", greedy("Another question", max_tokens=5))
     line.until("queued", Accepted)
     engine.step()
-    assert engine.stats()["waiting"] == 1
+    assert engine.stats().waiting == 1
     queued.cancel()
     engine.step(1000)
     line.until("running", Finished)
@@ -292,30 +277,6 @@ def test_queued_request_whose_client_left_never_reaches_the_model(engines, caplo
 # --- Faults ----------------------------------------------------------------------------
 
 
-class FaultyEngine(Engine):
-    """Fails requests whose prompt says FAULT at their third token, and every
-    request in the batch at the next step once ``break_batch`` is set."""
-
-    break_batch = False
-
-    def _deliver_token(self, slot, token):
-        if "FAULT" in slot.job.request.messages[-1][1] and slot.output_tokens == 2:
-            raise RuntimeError("injected fault")
-        return super()._deliver_token(slot, token)
-
-    def _step(self):
-        if self.break_batch:
-            self.break_batch = False
-            real_next = self._generator.next
-
-            def broken():
-                self._generator.next = real_next
-                raise RuntimeError("injected batch fault")
-
-            self._generator.next = broken
-        super()._step()
-
-
 def test_a_fault_in_one_request_fails_it_alone(engines):
     engine = engines(FaultyEngine)
     line = Timeline()
@@ -326,7 +287,7 @@ def test_a_fault_in_one_request_fails_it_alone(engines):
     assert isinstance(line.until("ok", Finished), Finished)
     _, done = solo(engine, greedy(max_tokens=3))
     assert isinstance(done, Finished)
-    assert engine.stats()["running"] == 0
+    assert engine.stats().running == 0
 
 
 def test_a_failed_batch_step_fails_its_requests_and_the_engine_goes_on(engines):
@@ -433,7 +394,7 @@ def test_beyond_batch_and_line_is_529_at_once(serve):
     for t in threads:
         t.start()
     # The engine holds its first step, so both stay: one in the batch, one in line.
-    while engine.stats()["running"] + engine.stats()["waiting"] < 2:
+    while engine.stats().running + engine.stats().waiting < 2:
         threading.Event().wait(0.01)
     with pytest.raises(anthropic.APIStatusError) as e:
         client(srv).messages.create(**ask("three", 3))
@@ -467,7 +428,7 @@ def test_injected_fault_fails_one_request_and_not_the_next(serve):
     assert c.get("/health", cast_to=object)["running"] == 0
 
 
-def batch_of_four_then_idle(engine, idle=lambda stats: not stats["running"]):
+def batch_of_four_then_idle(engine, idle=lambda stats: not stats.running):
     """Four long prompts decoded together; the engine's stats once ``idle``."""
     line = Timeline()
     for i in range(4):
@@ -485,18 +446,18 @@ def test_kept_caches_do_not_hold_the_batchs_buffers(engines):
     # slice would hold the whole batch's buffers alive, far beyond the byte
     # bound the prompt cache counts.
     engine = engines(max_running=4)
-    baseline = engine.stats()["memory_active_bytes"]
+    baseline = engine.stats().memory_active_bytes
     stats = batch_of_four_then_idle(engine)
-    assert stats["prompt_cache_entries"] == 4
+    assert stats.prompt_cache_entries == 4
     # Besides the kept caches, mlx-lm holds the batch's last log-probabilities
     # (float32 over the vocabulary, one row per request); uncomputed slices
     # would add the whole batch's buffers (about twice this bound here).
     logprobs = 4 * engine._vocab_size * 4
-    grown = stats["memory_active_bytes"] - baseline
-    assert grown < stats["prompt_cache_bytes"] + logprobs + 256 * 1024
+    grown = stats.memory_active_bytes - baseline
+    assert grown < stats.prompt_cache_bytes + logprobs + 256 * 1024
 
 
 def test_an_idle_engine_hands_back_mlx_s_spare_buffers(engines):
     stats = batch_of_four_then_idle(
-        engines(max_running=4), idle=lambda stats: not stats["memory_buffer_cache_bytes"])
-    assert stats["memory_buffer_cache_bytes"] == 0
+        engines(max_running=4), idle=lambda stats: not stats.memory_buffer_cache_bytes)
+    assert stats.memory_buffer_cache_bytes == 0

@@ -31,8 +31,10 @@ import pytest
 
 import engine
 import pensieve
-from conftest import (API_KEY, FakeModel, PensieveProcess, ScriptedCalls, ServerThread,
-                      claude_cli)
+from helpers import (API_KEY, FakeModel, PensieveProcess, ScriptedCalls, ServerThread,
+                     claude_cli)
+
+pytestmark = pytest.mark.process  # every test runs `python pensieve.py` or the claude CLI
 
 CAPTURES = Path(__file__).parent / "captures" / "claude-2.1.332"
 FITTING = ["bare-main", "tools-main", "bash-result",  # within the 8k window
@@ -266,7 +268,7 @@ def test_cli_default_mode_answers_on_the_embedded_model(default_server, tmp_path
     request, sent, done = new_requests(default_server, since)[0]
     # The default tool set (tool search on): the placeholder is never offered,
     # the deferred tools are announced by name only.
-    names = [t["name"] for t in request.offered]
+    names = [t.name for t in request.offered]
     assert "ToolSearch" in names and "DeferredToolPlaceholder" not in names
     assert "WebFetch" not in names
     assert isinstance(sent[0], engine.Accepted) and sent[0].input_tokens > 8192
@@ -290,9 +292,9 @@ def test_cli_tool_search_round_trip(default_server, tmp_path, caplog):
     first, second = seen[0], seen[1]
     assert [type(m) for m in first[1]][:2] == [engine.Accepted, engine.ToolCallStart]
     result = next(m for m in second[0].messages if m.role == "tool")
-    assert [t["name"] for t in result.tools] == ["WebFetch"]  # rendered where loaded
-    assert "WebFetch" in {t["name"] for t in second[0].offered}
-    assert "WebFetch" not in {t["name"] for t in second[0].tools}  # not at the start
+    assert [t.name for t in result.tools] == ["WebFetch"]  # rendered where loaded
+    assert "WebFetch" in {t.name for t in second[0].offered}
+    assert "WebFetch" not in {t.name for t in second[0].tools}  # not at the start
     accepted = second[1][0]
     assert isinstance(accepted, engine.Accepted) and accepted.constrained
     assert second[2] is not None  # answered to the end

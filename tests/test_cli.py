@@ -10,7 +10,9 @@ import sys
 
 import pytest
 
-from conftest import ROOT, claude_cli, free_port, wait_healthy  # noqa: F401
+from helpers import ROOT, claude_cli, free_port, wait_healthy  # noqa: F401
+
+pytestmark = pytest.mark.process  # every test runs `python pensieve.py` (or the CLI)
 
 OPTIONS = {"--host": "PENSIEVE_HOST", "--port": "PENSIEVE_PORT",
            "--model": "PENSIEVE_MODEL", "--api-key": "PENSIEVE_API_KEY",
@@ -21,7 +23,7 @@ OPTIONS = {"--host": "PENSIEVE_HOST", "--port": "PENSIEVE_PORT",
            "--prompt-cache-mb": "PENSIEVE_PROMPT_CACHE_MB",
            "--context-window": "PENSIEVE_CONTEXT_WINDOW",
            "--rope-scaling": "PENSIEVE_ROPE_SCALING",
-           "--kv-memory-mb": "PENSIEVE_KV_MEMORY_MB"}
+           "--kv-memory-mb": "PENSIEVE_KV_MEMORY_MB", "--cache-dir": "PENSIEVE_CACHE_DIR"}
 
 
 def pensieve(*args, env=None, code=None, timeout=120):
@@ -247,3 +249,51 @@ def test_launcher_without_the_cli_says_how_to_install_it(tmp_path):
     out = pensieve("claude", "-p", "hi", env={"PATH": str(tmp_path)})
     assert out.returncode == 2
     assert "npm install -g @anthropic-ai/claude-code" in out.stderr
+
+
+# --- Subcommands: a positional word after the options, never an option's value --------
+
+
+@pytest.mark.parametrize("argv, command, args, before", [
+    (["--api-key", "claude"], None, (), ("--api-key", "claude")),
+    (["--alias", "claude=x"], None, (), ("--alias", "claude=x")),
+    (["--port", "8080", "claude", "-p", "hi", "--model", "m"], "claude",
+     ("-p", "hi", "--model", "m"), ("--port", "8080")),
+    (["--api-key", "claude", "claude", "--", "-x"], "claude", ("--", "-x"),
+     ("--api-key", "claude")),
+    (["setup-claude-code", "--undo"], "setup-claude-code", ("--undo",), ()),
+])
+def test_the_subcommand_is_the_first_positional_word(argv, command, args, before):
+    import pensieve
+
+    invocation = pensieve.parse_args(argv)
+    assert (invocation.command, invocation.args, invocation.server_argv) == \
+        (command, args, before)
+
+
+def test_setup_takes_only_undo():
+    out = pensieve("setup-claude-code", "--port", "1")
+    assert out.returncode == 2 and "setup-claude-code takes only --undo" in out.stderr
+
+
+def test_a_key_and_an_alias_named_claude_start_the_server(tiny_model_dir, tmp_path):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "pensieve.py"), "--api-key", "claude", "--alias",
+         "claude=x", "--port", str(port), "--model", str(tiny_model_dir),
+         "--cpu-weights", "stored"], env={**os.environ, "PENSIEVE_CACHE_DIR": str(tmp_path)},
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
+        import urllib.request
+
+        listed = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models",
+                                        headers={"x-api-key": "claude"})
+        with urllib.request.urlopen(listed, timeout=10) as r:
+            names = [m["id"] for m in json.load(r)["data"]]
+        assert "claude" in names  # the alias, listed; the key, accepted
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 0, output
+    assert "Pensieve is serving" in output

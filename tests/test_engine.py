@@ -10,7 +10,8 @@ import threading
 
 import pytest
 
-from engine import Accepted, Engine, Failed, Finished, GenerationRequest, TextDelta
+from engine import (Accepted, Engine, EngineLike, Failed, Finished, GenerationRequest,
+                    Stats, TextDelta, Tool)
 from engine.models import ModelError, embedded_gguf, resolve
 
 TIMEOUT = 60  # a hang guard, not a timing assertion
@@ -98,7 +99,7 @@ def test_cancel_mid_decode_then_next_request_runs(engine):
         seen.append(out.get())
     assert not any(isinstance(m, Finished) for m in seen)  # never ran to the end
     stats = engine.stats()
-    assert (stats["running"], stats["waiting"]) == (0, 0)
+    assert (stats.running, stats.waiting) == (0, 0)
 
 
 def test_cancelled_while_waiting_never_runs(engine):
@@ -147,11 +148,68 @@ def test_engine_thread_is_the_only_mlx_user(engine):
     assert any(t.name == "pensieve-engine" for t in threading.enumerate())
 
 
+@pytest.mark.model
 def test_load_error_is_reported(tmp_path):
     eng = Engine(str(tmp_path))  # an empty directory: not an MLX model
     eng.start()
     with pytest.raises(ModelError, match="not an MLX model directory"):
         eng.wait_loaded(30)
+
+
+def test_on_loaded_reports_the_outcome_on_the_engine_thread(tiny_model_dir, tmp_path):
+    got = queue.Queue()
+
+    def on_loaded(info, error):
+        got.put((threading.current_thread().name, info, error))
+
+    eng = Engine(str(tiny_model_dir), cpu_weights="stored")
+    eng.start(on_loaded)
+    try:
+        thread, info, error = got.get(timeout=120)
+        assert (thread, error) == ("pensieve-engine", None)
+        assert info == eng.wait_loaded().info and info.context_window == 256
+        assert eng.stats().kv_bytes_per_token > 0  # published once loaded
+    finally:
+        eng.stop(10)
+    broken = Engine(str(tmp_path))
+    broken.start(on_loaded)
+    thread, info, error = got.get(timeout=30)
+    assert thread == "pensieve-engine" and info is None and isinstance(error, ModelError)
+
+
+def test_stats_is_the_snapshot_the_engine_thread_published(engine, monkeypatch):
+    import mlx.core as mx
+
+    def engine_thread_only(real):
+        def call():
+            assert threading.current_thread().name == "pensieve-engine"
+            return real()
+        return call
+
+    for name in ("get_active_memory", "get_peak_memory", "get_cache_memory"):
+        monkeypatch.setattr(mx, name, engine_thread_only(getattr(mx, name)))
+    run(engine, greedy(max_tokens=2))
+    stats = engine.stats()  # read here, computed there
+    assert isinstance(stats, Stats) and stats.memory_active_bytes > 0
+
+
+def test_the_engine_and_its_test_doubles_are_engine_likes(tiny_model_dir):
+    """What the server drives: the real engine and every stand-in the tests
+    give it have the protocol's methods, taking the parameters it passes."""
+    import inspect
+
+    from helpers import FaultyEngine, ScriptedCalls, ScriptedEngine, SlowLoad, SteppedEngine
+
+    real = Engine(str(tiny_model_dir))  # not started
+    engines = [real, ScriptedEngine(), ScriptedCalls(real), SlowLoad(),
+               SteppedEngine(str(tiny_model_dir)), FaultyEngine(str(tiny_model_dir))]
+    for eng in engines:
+        assert isinstance(eng, EngineLike), type(eng)
+        for name in ("start", "submit", "stats", "stop"):
+            wanted = list(inspect.signature(getattr(EngineLike, name)).parameters)[1:]
+            method = inspect.signature(getattr(eng, name))
+            method.bind(*wanted)  # positionally, as the server calls them
+            method.bind(**{p: p for p in wanted})  # and by name
 
 
 # --- Model resolution and the GGUF import ------------------------------------
@@ -249,9 +307,9 @@ def test_newcomer_is_answered_while_another_decodes(engine):
     assert order.index(("big", "Failed")) < order.index(("long", "Finished"))
 
 
-def test_gguf_path_is_imported_into_the_cache(monkeypatch, tmp_path):
-    monkeypatch.setenv("PENSIEVE_CACHE_DIR", str(tmp_path))
-    location, name = resolve(str(embedded_gguf()))
+@pytest.mark.model
+def test_gguf_path_is_imported_into_the_cache(tmp_path):
+    location, name = resolve(str(embedded_gguf()), cache_dir=tmp_path)
     assert name == "SmolLM2-135M-Instruct.Q4_1"
     assert location.parent == tmp_path / "models"
     assert sorted(p.name for p in location.iterdir()) == [
@@ -301,7 +359,7 @@ def test_next_turn_reuses_the_previous_prompt_and_answer(engine, tiny_model_dir)
     try:
         cold_text, _, cold_done = turn(cold, second)
         assert cold_done.cached_tokens == 0
-        assert cold.stats()["prompt_cache_bytes"] == 0
+        assert cold.stats().prompt_cache_bytes == 0
     finally:
         cold.stop(10)
     assert text == cold_text
@@ -321,7 +379,7 @@ def test_prompt_cache_is_bounded_in_bytes(tiny_model_dir):
     try:
         for i in range(4):
             turn(small, [("user", f"Distinct prompt number {i} " * 5)])
-            assert 0 < small.stats()["prompt_cache_bytes"] <= 200_000
+            assert 0 < small.stats().prompt_cache_bytes <= 200_000
     finally:
         small.stop(10)
 
@@ -343,10 +401,12 @@ def test_prompt_encoder_equals_whole_encoding_and_encodes_only_new_pieces(smollm
                            / "full-main.json").read_text())["body"]
     system = "\n\n".join(b["text"] for b in captured["system"])
     messages = [("system", system), ("user", "List the files, then read README.md.")]
+    tools = [Tool(t["name"], t["input_schema"], t.get("description"))
+             for t in captured["tools"][:6]]
     encoded = []
     encode._whole = lambda text, whole=encode._whole: encoded.append(text) or whole(text)
     for turn in range(3):
-        text = render_text(tokenizer, messages, captured["tools"][:6])
+        text = render_text(tokenizer, messages, tools)
         encoded.clear()
         assert encode(text) == tokenizer.encode(text, add_special_tokens=False)
         if turn:  # the system prompt and earlier turns were remembered
@@ -355,9 +415,8 @@ def test_prompt_encoder_equals_whole_encoding_and_encodes_only_new_pieces(smollm
                      ("user", f"total {turn}\n-rw-r--r-- 1 dev dev  1203 README.md\n")]
 
 
-WEATHER = {"name": "w", "input_schema": {"type": "object",
-                                         "properties": {"city": {"type": "string"}},
-                                         "required": ["city"]}}
+WEATHER = Tool("w", {"type": "object", "properties": {"city": {"type": "string"}},
+                    "required": ["city"]})
 
 
 def test_without_llguidance_the_engine_runs_unconstrained_and_says_so(
@@ -379,8 +438,7 @@ def test_without_llguidance_the_engine_runs_unconstrained_and_says_so(
 
 
 def test_a_schema_the_grammar_cannot_take_is_a_400(engine):
-    bad = {"name": "w", "input_schema": {"type": "object",
-                                         "properties": {"x": {"type": "nonsense"}}}}
+    bad = Tool("w", {"type": "object", "properties": {"x": {"type": "nonsense"}}})
     _, msgs = run(engine, greedy(tools=(bad,), tool_choice="any"))
     assert isinstance(msgs[-1], Failed) and msgs[-1].kind == "invalid_request"
     assert "cannot constrain" in msgs[-1].message
@@ -398,7 +456,7 @@ def test_requests_whose_kv_would_not_fit_wait_their_turn(tiny_model_dir, caplog)
     eng.start()
     eng.wait_loaded(120)
     try:
-        assert eng.stats()["kv_bytes_per_token"] == per_token
+        assert eng.stats().kv_bytes_per_token == per_token
         order, done = [], threading.Event()
 
         def watch(name):

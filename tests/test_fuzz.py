@@ -51,13 +51,13 @@ from collections import Counter
 from contextlib import contextmanager
 
 import pytest
-from conftest import API_KEY, Accepted, Finished, ScriptedEngine, ServerThread, TextDelta
+from helpers import (API_KEY, HANG_GUARD_S, RawConnection, ScriptedEngine, ServerThread, call,
+                     raw_request)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_http import HANG_GUARD_S, RawConnection, call, raw_request
 
-from engine import (CountRequest, Counted, ThinkingDelta, ToolCallEnd, ToolCallStart,
-                    ToolInputDelta)
+from engine import (Accepted, CountRequest, Counted, Finished, TextDelta, ThinkingDelta,
+                    ToolCallEnd, ToolCallStart, ToolInputDelta)
 from pensieve import ApiError, Config, parse_count_request, parse_messages_request
 
 SCALE = float(os.environ.get("PENSIEVE_FUZZ_EXAMPLES", "1").rstrip("x"))
@@ -653,11 +653,11 @@ def echo(request):
     text and first tool: what a client sent comes back through the encoders."""
     if isinstance(request, CountRequest):
         return [Counted(len(request.messages))]
-    text = request.messages[-1][1]
+    text = request.messages[-1].text
     items = [Accepted(len(request.messages), request.max_tokens),
              ThinkingDelta(text), TextDelta(text), TextDelta(" and more")]
     if request.tools:
-        items += [ToolCallStart(request.tools[0]["name"]),
+        items += [ToolCallStart(request.tools[0].name),
                   ToolInputDelta(json.dumps({"echo": text})), ToolCallEnd({"echo": text})]
     return items + [Finished("tool_use" if request.tools else "end_turn", None,
                              len(request.messages), 4, 0.0, 0.0)]

@@ -22,17 +22,23 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
-from conftest import (API_KEY, ROOT, Accepted, ServerThread, TextDelta, free_port,
-                      wait_healthy, write_tiny_llama)
-from test_http import (FINISHED, HANG_GUARD_S, RawConnection, assert_error, body, call,
-                       raw_request, sse_events, wait_until)
+from helpers import (API_KEY, FINISHED, HANG_GUARD_S, ROOT, RawConnection, ServerThread,
+                     SlowLoad, SteppedEngine, assert_error, body, call, free_port,
+                     raw_request, sse_events, wait_healthy, wait_until, write_tiny_llama)
 
 import pensieve
+from engine import Accepted, TextDelta
 from pensieve import Config, ConfigError, Server, check_config, is_loopback
+
+
+@pytest.fixture(autouse=True)
+def quick_drain(monkeypatch):
+    """An answer given before its request was read waits DRAIN_TIMEOUT_S for
+    the client to go; the clients here wait for the close instead."""
+    monkeypatch.setattr(pensieve, "DRAIN_TIMEOUT_S", 0.5)
 
 
 def endless(request):
@@ -358,6 +364,7 @@ def test_a_non_loopback_bind_needs_a_key_of_its_own():
     check_config(Config(host="localhost"))
 
 
+@pytest.mark.process
 def test_the_cli_refuses_a_non_loopback_bind_with_the_default_key():
     out = subprocess.run([sys.executable, str(ROOT / "pensieve.py"), "--host", "0.0.0.0"],
                          capture_output=True, text=True, timeout=60,
@@ -497,7 +504,7 @@ def test_a_handler_crash_shows_no_internals(srv, monkeypatch, caplog):
     def broken():
         raise RuntimeError("secret detail at /home/user/model")
 
-    monkeypatch.setattr(srv.server, "health_status", broken)
+    monkeypatch.setattr(srv.server.api, "health_status", broken)
     with caplog.at_level(logging.ERROR, logger="pensieve.http"):
         reply = call(srv, "GET", "/health")
     message = assert_error(reply, 500, "api_error")
@@ -514,8 +521,6 @@ def test_a_handler_crash_shows_no_internals(srv, monkeypatch, caplog):
 @pytest.fixture
 def stepped(tiny_model_dir):
     """A server on the real engine, advanced one step at a time by the test."""
-    from test_batching import SteppedEngine
-
     started = []
 
     def start(**config):
@@ -545,9 +550,9 @@ def test_a_disconnect_during_prefill_stops_the_prompt(stepped, caplog):
     with caplog.at_level(logging.INFO, logger="pensieve.engine"):
         with RawConnection(srv.port) as conn:
             conn.send(stream_request(LONG_PROMPT))
-            wait_until(lambda: srv.engine.stats()["running"] == 1)
+            wait_until(lambda: srv.engine.stats().running == 1)
             srv.engine.step(2)  # two 16-token slices of ~200
-        wait_until(lambda: (srv.engine.step(), srv.engine.stats()["running"])[1] == 0,
+        wait_until(lambda: (srv.engine.step(), srv.engine.stats().running)[1] == 0,
                    timeout=30)
     cancelled = [r.getMessage() for r in caplog.records if "cancelled after" in r.getMessage()]
     assert cancelled, [r.getMessage() for r in caplog.records]
@@ -560,12 +565,12 @@ def test_a_disconnect_while_queued_means_the_request_never_runs(stepped, caplog)
     with caplog.at_level(logging.INFO, logger="pensieve.engine"):
         with RawConnection(srv.port) as first:
             first.send(stream_request("Hello there"))
-            wait_until(lambda: srv.engine.stats()["running"] == 1)
+            wait_until(lambda: srv.engine.stats().running == 1)
             with RawConnection(srv.port) as second:
                 second.send(stream_request("Queued"))
-                wait_until(lambda: srv.engine.stats()["waiting"] == 1)
+                wait_until(lambda: srv.engine.stats().waiting == 1)
             srv.engine.step()
-            wait_until(lambda: (srv.engine.step(), srv.engine.stats()["waiting"])[1] == 0)
+            wait_until(lambda: (srv.engine.step(), srv.engine.stats().waiting)[1] == 0)
             messages = [r.getMessage() for r in caplog.records]
             assert any("cancelled while waiting" in m for m in messages), messages
             srv.engine.step(100)
@@ -639,24 +644,6 @@ def test_a_second_stop_does_not_wait_for_the_deadline(scripted):
     assert not srv.thread.is_alive()
 
 
-class SlowLoad:
-    """An engine whose model takes until ``finish`` to load, stop or not."""
-
-    def __init__(self):
-        self.finish = threading.Event()
-        self.stopped = threading.Event()
-
-    def start(self):
-        pass
-
-    def wait_loaded(self, timeout=None):
-        self.finish.wait()
-        raise RuntimeError("never loaded")
-
-    def stop(self, timeout=None):
-        self.stopped.set()
-
-
 def test_stop_while_the_model_loads_returns_without_waiting_for_it():
     engine = SlowLoad()
     srv = ServerThread(Config(host="127.0.0.1", port=0), engine=engine)
@@ -677,6 +664,7 @@ def start_process(args, cache, log):
                             env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
+@pytest.mark.process
 def test_sigterm_lets_a_stream_finish_then_exits_zero(roomy_model_dir, tmp_path):
     port = free_port()
     with open(tmp_path / "server.log", "w") as log:
@@ -711,6 +699,7 @@ def roomy_model_dir(smollm_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.process
 def test_a_second_sigint_ends_running_streams_at_once(roomy_model_dir, tmp_path):
     port = free_port()
     with open(tmp_path / "server.log", "w") as log:
@@ -734,6 +723,7 @@ def test_a_second_sigint_ends_running_streams_at_once(roomy_model_dir, tmp_path)
         proc.kill()
 
 
+@pytest.mark.process
 def test_sigterm_during_the_model_import_leaves_no_half_written_cache(smollm_dir,
                                                                       tmp_path):
     # The embedded GGUF is imported into PENSIEVE_CACHE_DIR on first use: a

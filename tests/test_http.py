@@ -13,31 +13,24 @@ Every exchange has a socket timeout as a hang guard; no test asserts timing.
 """
 
 import asyncio
-import http.client
-import json
-import socket
+import contextlib
 import subprocess
 import sys
-import time
-from dataclasses import dataclass
+import threading
 
 import anthropic
 import pytest
-from conftest import (API_KEY, ROOT, Accepted, Failed, Finished, ScriptedEngine,
-                      TextDelta)
+from helpers import (API_KEY, DROP, FINISHED, HANG_GUARD_S, MODEL, ROOT, RawConnection,
+                     ScriptedEngine, assert_error, body, call, raw_request, sse_events,
+                     wait_until)
 
 import pensieve
+from engine import Accepted, Failed, Finished, ModelError, TextDelta
 from pensieve import (DEFAULT_MAX_RUNNING, DEFAULT_MAX_WAITING, MAX_BODY_BYTES,
                       Config, Server)
 
-# A stuck server fails the test instead of hanging the suite.
-HANG_GUARD_S = 5
-MODEL = "claude-test"
-FINISHED = Finished("end_turn", None, 3, 2, 0.0, 0.0)
-DROP = object()  # marks a field to leave out of a request body
 
-
-# --- Scripts and request bodies ------------------------------------------------
+# --- Scripts -------------------------------------------------------------------
 
 
 def hello(request):
@@ -48,156 +41,15 @@ def hello(request):
 
 def slow_on(items):
     """A script that plays ``items`` for the prompt "slow", else ``hello``."""
-    return lambda request: items if request.messages[-1][1] == "slow" else hello(request)
-
-
-def body(text="hi", **changes):
-    """A valid Messages request body, with fields changed (or DROPped)."""
-    out = {"model": MODEL, "max_tokens": 16,
-           "messages": [{"role": "user", "content": text}], **changes}
-    return {k: v for k, v in out.items() if v is not DROP}
-
-
-def raw_request(method="POST", path="/v1/messages", payload=None, *, key=API_KEY,
-                headers=()):
-    """The bytes of one HTTP/1.1 request; ``payload`` is a dict or bytes."""
-    if isinstance(payload, dict):
-        payload = json.dumps(payload).encode()
-    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1"]
-    if key is not None:
-        lines.append(f"x-api-key: {key}")
-    if payload is not None:
-        lines += ["Content-Type: application/json", f"Content-Length: {len(payload)}"]
-    lines += headers
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + (payload or b"")
+    return lambda request: items if request.messages[-1].text == "slow" else hello(request)
 
 
 # --- Clients -------------------------------------------------------------------
 
 
-@dataclass
-class Reply:
-    status: int
-    headers: dict  # lower-case names
-    body: bytes
-
-    @property
-    def json(self):
-        return json.loads(self.body)
-
-
-class RawConnection:
-    """A loopback socket that sends raw bytes and parses whole responses."""
-
-    def __init__(self, port):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=HANG_GUARD_S)
-        self.buffer = b""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.sock.close()
-
-    def send(self, data, bytewise=False):
-        for piece in ([data[i:i + 1] for i in range(len(data))] if bytewise else [data]):
-            self.sock.sendall(piece)
-            time.sleep(0)
-
-    def read_until(self, marker):
-        """Everything up to and including ``marker``; EOFError if the server closes."""
-        while marker not in self.buffer:
-            data = self.sock.recv(65536)
-            if not data:
-                raise EOFError(f"closed before {marker!r}")
-            self.buffer += data
-        head, _, self.buffer = self.buffer.partition(marker)
-        return head + marker
-
-    def read_exactly(self, size):
-        while len(self.buffer) < size:
-            data = self.sock.recv(65536)
-            if not data:
-                raise EOFError(f"closed with {len(self.buffer)} of {size} bytes")
-            self.buffer += data
-        out, self.buffer = self.buffer[:size], self.buffer[size:]
-        return out
-
-    def read_response(self, method="POST"):
-        lines = self.read_until(b"\r\n\r\n").decode("latin-1").split("\r\n")[:-2]
-        status = int(lines[0].split()[1])
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        if method == "HEAD":
-            content = b""
-        elif headers.get("transfer-encoding") == "chunked":
-            content = b""
-            while size := int(self.read_until(b"\r\n")[:-2], 16):
-                content += self.read_exactly(size)
-                assert self.read_exactly(2) == b"\r\n"
-            assert self.read_exactly(2) == b"\r\n"  # the terminator; no trailers
-        else:
-            content = self.read_exactly(int(headers.get("content-length", 0)))
-        return Reply(status, headers, content)
-
-    def outcome(self):
-        """The next response's status, or "closed" if the server hung up instead."""
-        try:
-            return self.read_response().status
-        except (EOFError, ConnectionResetError):
-            return "closed"
-
-
-def call(srv, method, path, payload=None, *, key=API_KEY, headers=None):
-    """One request through http.client on a fresh connection."""
-    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=HANG_GUARD_S)
-    sent = {"x-api-key": key} if key is not None else {}
-    sent.update(headers or {})
-    if isinstance(payload, dict):
-        payload = json.dumps(payload).encode()
-    if payload is not None:
-        sent["content-type"] = "application/json"
-    try:
-        conn.request(method, path, body=payload, headers=sent)
-        resp = conn.getresponse()
-        return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()},
-                     resp.read())
-    finally:
-        conn.close()
-
-
 def sdk(srv, key=API_KEY):
     return anthropic.Anthropic(base_url=srv.url, api_key=key, max_retries=0,
                                timeout=HANG_GUARD_S)
-
-
-def sse_events(content):
-    """[(event name, data dict), ...] from an SSE body."""
-    events = []
-    for block in content.decode().split("\n\n"):
-        if block:
-            fields = dict(line.split(": ", 1) for line in block.split("\n"))
-            events.append((fields["event"], json.loads(fields["data"])))
-    return events
-
-
-def assert_error(reply, status, error_type):
-    """Check Anthropic's error shape; return the error message."""
-    assert reply.status == status, reply.body
-    data = reply.json
-    assert data["type"] == "error"
-    assert data["error"]["type"] == error_type
-    assert data["request_id"] == reply.headers["request-id"]
-    return data["error"]["message"]
-
-
-def wait_until(predicate, timeout=HANG_GUARD_S):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met before the hang guard"
-        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -566,15 +418,23 @@ def test_disconnect_cancels_the_job(scripted, items, stream):
     (DEFAULT_MAX_RUNNING, DEFAULT_MAX_WAITING - 1, 200),
     (DEFAULT_MAX_RUNNING, DEFAULT_MAX_WAITING, 529),
 ])
-def test_overload_is_529(srv, running, waiting, status):
-    srv.engine.running, srv.engine.waiting = running, waiting
-    reply = call(srv, "POST", "/v1/messages", body())
-    if status == 529:
-        assert_error(reply, 529, "overloaded_error")
-        assert int(reply.headers["retry-after"]) > 0
-        assert srv.engine.jobs == []
-    else:
-        assert reply.status == 200
+def test_overload_is_529(scripted, running, waiting, status):
+    # The requests in flight, counted by the server itself: each is held in
+    # its script until its client leaves.
+    srv = scripted(slow_on([Accepted(3, 16), 30, FINISHED]))
+    held = running + waiting
+    with contextlib.ExitStack() as stack:
+        for _ in range(held):
+            conn = stack.enter_context(RawConnection(srv.port))
+            conn.send(raw_request(payload=body("slow")))
+        wait_until(lambda: len(srv.server.api.jobs) == held)
+        reply = call(srv, "POST", "/v1/messages", body())
+        if status == 529:
+            assert_error(reply, 529, "overloaded_error")
+            assert int(reply.headers["retry-after"]) > 0
+            assert len(srv.engine.jobs) == held  # the engine was not asked
+        else:
+            assert reply.status == 200
 
 
 # --- The embedding API ---------------------------------------------------------------
@@ -607,6 +467,68 @@ def test_serve_is_the_embedding_api():
     assert b'"text": "Hello world"' in response
 
 
+class LateLoad(ScriptedEngine):
+    """A scripted engine whose model is loaded when the test says so."""
+
+    def start(self, on_loaded=None):
+        self.on_loaded = on_loaded
+
+    def finish(self, error=None):
+        threading.Thread(target=self.on_loaded,
+                         args=(None if error else self.model, error)).start()
+
+
+async def _serving_while_loading(engine):
+    """(server, serve task, a request sent while the model loads), once
+    that request has had time to be read."""
+    server = Server(Config(port=0), engine=engine)
+    task = asyncio.create_task(server.serve())
+    while server.port is None:
+        await asyncio.sleep(0.01)
+    waiting = asyncio.create_task(_raw_exchange(server.port, raw_request(
+        payload=body(), headers=["Connection: close"])))
+    await asyncio.sleep(0.2)
+    return server, task, waiting
+
+
+def test_the_server_answers_while_its_model_loads():
+    async def main():
+        engine = LateLoad()
+        server, task, waiting = await _serving_while_loading(engine)
+        health = await _raw_exchange(server.port, raw_request(
+            "GET", "/health", headers=["Connection: close"]))
+        early = waiting.done()  # the request waits for the model
+        engine.finish()
+        answered = await asyncio.wait_for(waiting, HANG_GUARD_S)
+        await asyncio.wait_for(server.started.wait(), HANG_GUARD_S)
+        healthy = await _raw_exchange(server.port, raw_request(
+            "GET", "/health", headers=["Connection: close"]))
+        server.stop()
+        await asyncio.wait_for(task, HANG_GUARD_S)
+        return health, early, answered, healthy
+
+    health, early, answered, healthy = asyncio.run(main())
+    assert health.startswith(b"HTTP/1.1 503 ") and b'"status": "loading"' in health
+    assert not early
+    assert answered.startswith(b"HTTP/1.1 200 ") and b"Hello world" in answered
+    assert healthy.startswith(b"HTTP/1.1 200 ") and b'"status": "healthy"' in healthy
+
+
+def test_a_failed_load_answers_waiting_requests_and_ends_serve():
+    async def main():
+        engine = LateLoad()
+        server, task, waiting = await _serving_while_loading(engine)
+        engine.finish(ModelError("no such model"))
+        answered = await asyncio.wait_for(waiting, HANG_GUARD_S)
+        with pytest.raises(ModelError, match="no such model"):
+            await asyncio.wait_for(task, HANG_GUARD_S)
+        return answered
+
+    answered = asyncio.run(main())
+    assert answered.startswith(b"HTTP/1.1 503 ")
+    assert b"the model failed to load: no such model" in answered
+
+
 def test_started_can_be_awaited_right_after_creating_the_task():
     async def main():
         server = Server(Config(port=0), engine=ScriptedEngine())
@@ -619,6 +541,7 @@ def test_started_can_be_awaited_right_after_creating_the_task():
     asyncio.run(main())
 
 
+@pytest.mark.process
 def test_import_has_no_side_effects():
     code = ("import sys, threading, pensieve; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "

@@ -21,11 +21,11 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, Accepted, Finished, TextDelta, free_port, wait_healthy
+from helpers import (ROOT, RawConnection, body, call, free_port, raw_request, wait_healthy,
+                     wait_until)
 from prometheus_client.parser import text_string_to_metric_families
-from test_http import RawConnection, body, call, raw_request, wait_until
 
-from engine import progress
+from engine import Accepted, Finished, TextDelta, progress
 
 DONE = Finished("end_turn", None, 7, 3, 0.05, 20.0, cached_tokens=4)
 
@@ -139,6 +139,7 @@ def test_a_client_that_leaves_is_logged_as_499(scripted, caplog):
                  status="499") == 1
 
 
+@pytest.mark.process
 def test_json_logs_carry_the_access_fields(tiny_model_dir, tmp_path):
     port = free_port()
     env = {**os.environ, "PENSIEVE_CACHE_DIR": str(tmp_path)}
@@ -176,6 +177,7 @@ def test_json_logs_carry_the_access_fields(tiny_model_dir, tmp_path):
 # --- First run: the banner, the console command, a config file ------------------------
 
 
+@pytest.mark.process
 def test_the_pensieve_command_serves_and_prints_a_banner(tiny_model_dir, tmp_path):
     command = os.path.join(os.path.dirname(sys.executable), "pensieve")
     assert os.access(command, os.X_OK), "pip install -e . installs the console command"
@@ -218,6 +220,7 @@ def test_a_config_file_sets_options_below_variables_and_flags(tmp_path, monkeypa
     assert pensieve.parse_args([])[0].api_key == "from-file"
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("text, message", [
     ("prot = 1\n", "unknown option 'prot'"),
     ("port = \"x\"\n", "argument --port: invalid port value: 'x'"),
@@ -266,6 +269,7 @@ def test_a_step_in_a_log_says_start_progress_and_end(monkeypatch, caplog):
     assert lines[-1].startswith("importing x.gguf: failed in ")
 
 
+@pytest.mark.process
 def test_a_model_too_large_for_memory_is_refused_before_loading(tiny_model_dir, tmp_path):
     from engine.models import physical_memory
 

@@ -18,7 +18,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, free_port, wait_healthy
+from helpers import ROOT, free_port, wait_healthy
 
 README = (ROOT / "README.md").read_text()
 DEFAULT_URL = "http://127.0.0.1:7777"
@@ -53,6 +53,8 @@ def commands():
 
 # Commands exercised elsewhere: the prefix, and where.
 ELSEWHERE = {
+    # Listed first: "make test" is its prefix.
+    "make test-fast": "make test, which runs those tests among the rest",
     "make test": "make test itself (.ci/run)",
     "python pensieve.py claude": "tests/test_cli.py::test_launcher_starts_a_server_and_runs_claude",
 }
@@ -100,6 +102,7 @@ def test_the_readme_python_snippet(real_server):
     assert out.stdout.strip()
 
 
+@pytest.mark.process
 def test_the_readme_claude_code_setup_commands(tmp_path):
     env = {**os.environ, "CLAUDE_CONFIG_DIR": str(tmp_path)}
     setup = [c for c in commands() if c.startswith("python pensieve.py setup-claude-code")]
@@ -113,6 +116,7 @@ def test_the_readme_claude_code_setup_commands(tmp_path):
     assert not (tmp_path / "settings.json.pensieve-backup.json").exists()
 
 
+@pytest.mark.process
 def test_make_run_serves_the_embedded_model(tmp_path, cache_dir, smollm_dir):
     assert "make run" in commands()
     port = free_port()

@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 import anthropic
 import pytest
 
-from conftest import API_KEY
+from helpers import API_KEY
 
 QUESTION = "What is the capital of France?"
 # SDK 2.x no longer takes sampling parameters as arguments; the API still does.

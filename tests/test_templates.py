@@ -15,7 +15,7 @@ import shutil
 import anthropic
 import pytest
 
-from conftest import API_KEY, ServerThread, write_tiny_llama
+from helpers import API_KEY, ServerThread, write_tiny_llama
 from pensieve import Config
 
 NL = "{{ '\\n' }}"

@@ -14,7 +14,7 @@ import anthropic
 import jsonschema
 import pytest
 
-from conftest import API_KEY, PensieveProcess
+from helpers import API_KEY, PensieveProcess
 
 SAMPLES = 20
 # Room for the longest answer the schemas allow, at one token per character
@@ -191,6 +191,7 @@ def test_tool_choice_errors_name_the_field(client):
                                messages=[{"role": "user", "content": "hi"}])
 
 
+@pytest.mark.process
 def test_without_the_grammar_the_server_says_so_and_still_answers(cache_dir, smollm_dir):
     server = PensieveProcess(cache_dir, "--grammar", "off", "--default-temperature", "0",
                              name="no-grammar")

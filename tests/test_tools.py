@@ -252,6 +252,9 @@ def test_grammar_parallel():
 
 # --- Grammars: what llguidance accepts ------------------------------------------
 
+# The tests here read the embedded model's tokenizer (its GGUF imported into
+# MLX): marked ``model``.
+
 
 @pytest.fixture(scope="module")
 def accepts():
@@ -275,6 +278,7 @@ def accepts():
     return check
 
 
+@pytest.mark.model
 def test_forced_grammar_accepts_only_valid_calls(accepts):
     g = grammar(FALLBACK_FORMAT, SCHEMAS, "any")
     good = call_text("get_weather", {"city": "Paris", "unit": "f"})
@@ -289,6 +293,7 @@ def test_forced_grammar_accepts_only_valid_calls(accepts):
     assert not accepts(g, "")
 
 
+@pytest.mark.model
 def test_single_call_grammar_rejects_a_second_call(accepts):
     g = grammar(FALLBACK_FORMAT, SCHEMAS, "bash", parallel=False)
     c = call_text("bash", {"command": "ls"})
@@ -297,6 +302,7 @@ def test_single_call_grammar_rejects_a_second_call(accepts):
     assert not accepts(g, call_text("get_weather", {"city": "Paris"}))
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("fmt", [FALLBACK_FORMAT, JSON_TOOLS_FORMAT],
                          ids=["fallback", "json_tools"])
 def test_auto_grammar_allows_text_then_calls(accepts, fmt):
@@ -309,12 +315,14 @@ def test_auto_grammar_allows_text_then_calls(accepts, fmt):
     assert not accepts(g, "text\n" + bad)
 
 
+@pytest.mark.model
 def test_lead_space_allows_whitespace_before_a_forced_call(accepts):
     c = call_text("bash", {"command": "ls"})
     assert accepts(grammar(FALLBACK_FORMAT, SCHEMAS, "any", lead_space=True), "\n\n" + c)
     assert not accepts(grammar(FALLBACK_FORMAT, SCHEMAS, "any"), "\n" + c)
 
 
+@pytest.mark.model
 def test_answer_grammar_takes_json_dumps_output_only(accepts):
     g = grammar(FALLBACK_FORMAT, [], answer_schema=ANSWER)
     assert accepts(g, json.dumps({"n": 1}))

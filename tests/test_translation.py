@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import Finished, Message, TextDelta
+from engine import Finished, Message, TextDelta, Tool
 from engine.text import StopMatcher, _fold_system, render_text
 from pensieve import (ApiError, Blocks, error_body, message_body, parse_messages_request,
                       sse_event, stream_end_events, stream_error_event,
@@ -244,11 +244,16 @@ TOOLS = ({"name": "Read", "description": "Read a file.",
                            "required": ["path"]}},)
 
 
+def as_tools(dicts):
+    """Tool definitions (dicts) as the engine's Tools."""
+    return tuple(Tool(d["name"], d["input_schema"], d.get("description")) for d in dicts)
+
+
 def test_tools_are_reduced_to_what_the_prompt_needs():
     req = parse(tools=[{"name": "Read", "description": "Read a file.", "cache_control":
                         {"type": "ephemeral"}, "input_schema": TOOLS[0]["input_schema"]},
                        {"type": "web_search_20250305", "name": "web_search"}])
-    assert req.generation.tools == TOOLS  # server tools (no input_schema) left out
+    assert req.generation.tools == as_tools(TOOLS)  # server tools (no input_schema) left out
 
 
 @pytest.mark.parametrize("tools, field", [
@@ -262,7 +267,7 @@ def test_bad_tools(tools, field):
 
 
 def test_tools_section_joins_the_leading_system_message():
-    text = render_text(Template(), [("system", "S"), ("user", "U")], TOOLS)
+    text = render_text(Template(), [("system", "S"), ("user", "U")], as_tools(TOOLS))
     # Template() refuses system roles, so everything was folded into the user turn.
     assert text.startswith("<user>S\n\nYou can call tools.")
     assert '{"name": "Read", "description": "Read a file.", "input_schema": ' in text
@@ -298,7 +303,7 @@ class ToolTemplate(Template):
 
 def test_templates_that_take_tools_get_them_as_functions():
     template = ToolTemplate()
-    text = render_text(template, [("user", "U")], TOOLS)
+    text = render_text(template, [("user", "U")], as_tools(TOOLS))
     assert text == "<user>U<assistant>"  # nothing added to the messages
     assert template.tools == [{"type": "function", "function": {
         "name": "Read", "description": "Read a file.",
@@ -360,9 +365,9 @@ WEB_FETCH = {"name": "WebFetch", "description": "Fetch a URL.",
 def test_every_captured_request_parses(path):
     body = json.loads(path.read_text())["body"]
     req = parse_messages_request(json.dumps(body).encode())
-    offered = {t["name"] for t in req.generation.offered}
+    offered = {t.name for t in req.generation.offered}
     assert "DeferredToolPlaceholder" not in offered
-    assert not any(t["name"] == "DeferredToolPlaceholder" for t in req.generation.tools)
+    assert not any(t.name == "DeferredToolPlaceholder" for t in req.generation.tools)
 
 
 def deferred_body(**extra):
@@ -374,7 +379,7 @@ def deferred_body(**extra):
 
 def test_deferred_tools_cost_nothing_until_a_tool_reference_loads_them():
     first = parse(**deferred_body()).generation
-    assert first.tools == TOOLS and first.offered == TOOLS
+    assert first.tools == as_tools(TOOLS) and first.offered == as_tools(TOOLS)
     call = {"type": "tool_use", "id": "toolu_1", "name": "ToolSearch",
             "input": {"query": "select:WebFetch"}}
     loaded = parse(**deferred_body(messages=[
@@ -385,11 +390,11 @@ def test_deferred_tools_cost_nothing_until_a_tool_reference_loads_them():
              "content": [{"type": "tool_reference", "tool_name": "WebFetch"}]},
             {"type": "text", "text": "Tool loaded."}]}],
         tool_choice={"type": "tool", "name": "WebFetch"})).generation
-    assert loaded.tools == TOOLS  # the prompt's start is unchanged
-    assert [t["name"] for t in loaded.offered] == ["Read", "WebFetch"]
+    assert loaded.tools == as_tools(TOOLS)  # the prompt's start is unchanged
+    assert [t.name for t in loaded.offered] == ["Read", "WebFetch"]
     assert loaded.tool_choice == "WebFetch"
     result = loaded.messages[2]
-    assert result.role == "tool" and result.tools == (WEB_FETCH,) and result.text == ""
+    assert result.role == "tool" and result.tools == as_tools([WEB_FETCH]) and result.text == ""
     text = render_text(Template(), loaded.messages, loaded.tools)
     assert text.index('"name": "Read"') < text.index("<tool_response>\n<tools>\n"
                                                      '{"name": "WebFetch"')
@@ -410,10 +415,10 @@ def test_tool_additions_and_removals_take_effect_where_they_stand():
             {"type": "tool_addition", "tool": {"type": "tool_definition", "definition": {
                 "name": "Now", "input_schema": {"type": "object"}}}}]},
         {"role": "user", "content": "b"}])).generation
-    assert [t["name"] for t in gen.offered] == ["WebFetch", "Now"]
+    assert [t.name for t in gen.offered] == ["WebFetch", "Now"]
     note = gen.messages[1]
     assert note.role == "system" and note.removed == ("Read",)
-    assert [t["name"] for t in note.tools] == ["WebFetch", "Now"]
+    assert [t.name for t in note.tools] == ["WebFetch", "Now"]
     text = render_text(Template(), gen.messages, gen.tools)
     assert "No longer available: Read." in text
 
@@ -476,7 +481,8 @@ def test_omitted_thinking_round_trips_through_its_signature():
 
 
 def test_clear_thinking_keeps_the_latest_turns():
-    from engine.text import ClearThinking, clear_thinking
+    from engine import ClearThinking
+    from engine.text import clear_thinking
 
     def turn(n):
         return [{"role": "user", "content": f"q{n}"},
@@ -503,7 +509,8 @@ def test_clear_thinking_keeps_the_latest_turns():
 
 
 def test_clear_tool_uses_replaces_the_oldest_results():
-    from engine.text import CLEARED_RESULT, ClearToolUses, clear_tool_uses
+    from engine import ClearToolUses
+    from engine.text import CLEARED_RESULT, clear_tool_uses
 
     def round_(n, name="Bash"):
         return [{"role": "assistant", "content": [
