@@ -30,11 +30,12 @@ import queue as thread_queue
 import threading
 import time
 from collections import deque
+from typing import Callable
 
 from .grammar import GrammarError
 from .messages import (Accepted, ClearThinking, ClearToolUses, CountRequest, Counted,
-                       Failed, Stats)
-from .models import DEFAULT_ROPE_SCALING, ModelError, load, physical_memory
+                       Failed, GenerationRequest, OnLoaded, Stats)
+from .models import DEFAULT_ROPE_SCALING, LoadedModel, ModelError, load, physical_memory
 from .runners import Runners, State, warm_up
 from .slot import OutputStyle, Slot
 from .text import (PromptEncoder, RenderError, as_message, clear_thinking,
@@ -122,10 +123,12 @@ class Engine:
 
     slot_type = Slot
 
-    def __init__(self, model_spec=None, cpu_weights="float32", cache_bytes=None,
-                 max_running=DEFAULT_MAX_RUNNING, prefill_chunk=None, constrain=True,
-                 context_window=None, rope_scaling=DEFAULT_ROPE_SCALING, kv_bytes=None,
-                 cache_dir=None):
+    def __init__(self, model_spec: str | None = None, cpu_weights: str = "float32",
+                 cache_bytes: int | None = None, max_running: int = DEFAULT_MAX_RUNNING,
+                 prefill_chunk: int | None = None, constrain: bool = True,
+                 context_window: int | None = None,
+                 rope_scaling: str = DEFAULT_ROPE_SCALING, kv_bytes: int | None = None,
+                 cache_dir: str | None = None):
         self._spec = model_spec
         self._window = context_window  # None: the model's (see models.load)
         self._rope_scaling = rope_scaling
@@ -156,14 +159,14 @@ class Engine:
 
     # Public API, callable from any thread.
 
-    def start(self, on_loaded=None):
+    def start(self, on_loaded: OnLoaded | None = None) -> None:
         """Start the thread; it loads the model, then calls, on itself,
         ``on_loaded(ModelInfo, None)`` or ``on_loaded(None, ModelError)``."""
         self._thread = threading.Thread(target=self._run, args=(on_loaded,),
                                         name="pensieve-engine", daemon=True)
         self._thread.start()
 
-    def wait_loaded(self, timeout=None):
+    def wait_loaded(self, timeout: float | None = None) -> LoadedModel:
         """Block until the model is loaded (its LoadedModel); raise its
         ModelError if it failed."""
         if not self._loaded.wait(timeout):
@@ -172,19 +175,20 @@ class Engine:
             raise self.load_error
         return self.model
 
-    def submit(self, request, deliver):
+    def submit(self, request: GenerationRequest | CountRequest,
+               deliver: Callable[[object], None]) -> Job:
         """Queue ``request``; ``deliver(msg)`` is called on the engine thread."""
         job = Job(request, deliver)
         self._inbox.put(job)
         return job
 
-    def stop(self, timeout=None):
+    def stop(self, timeout: float | None = None) -> None:
         self._stopping = True
         self._inbox.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def stats(self):
+    def stats(self) -> Stats:
         """The snapshot the engine thread published last; ``waiting`` also
         counts the jobs submitted and not yet taken in."""
         stats, queued = self._stats, self._inbox.qsize()
