@@ -267,6 +267,33 @@ def error_body(error_type, message, request_id):
 # === Requests: parsed once, at the boundary ====================================
 
 
+# Thinking signatures: written into answers (Blocks), read back from requests.
+
+SIGNATURE_PREFIX = "pensieve1."
+
+
+def thinking_signature(thinking):
+    """An opaque signature for a thinking block. A local model has nothing to
+    verify, so it carries the thinking itself (zlib, base64url): a block sent
+    back with its text omitted (``thinking.display``) still renders as it was
+    written, and the prompt's prefix stays the one cached."""
+    packed = base64.urlsafe_b64encode(zlib.compress(thinking.encode(), 9)).decode()
+    return SIGNATURE_PREFIX + packed
+
+
+def thinking_from_signature(signature):
+    """The thinking a signature of ours carries, or None."""
+    if not isinstance(signature, str) or not signature.startswith(SIGNATURE_PREFIX):
+        return None
+    try:
+        packed = base64.urlsafe_b64decode(signature[len(SIGNATURE_PREFIX):])
+        # Bounded: a forged signature must not inflate past the body limit.
+        text = zlib.decompressobj().decompress(packed, MAX_BODY_BYTES)
+        return text.decode()
+    except (ValueError, zlib.error, UnicodeDecodeError):
+        return None
+
+
 @dataclass(frozen=True)
 class MessagesRequest:
     """A validated ``POST /v1/messages`` body: what to generate, and how to answer."""
@@ -974,31 +1001,6 @@ def stream_end_events(finished, applied_edits=(), checked=None):
 
 def new_tool_use_id():
     return "toolu_" + secrets.token_hex(12)
-
-
-SIGNATURE_PREFIX = "pensieve1."
-
-
-def thinking_signature(thinking):
-    """An opaque signature for a thinking block. A local model has nothing to
-    verify, so it carries the thinking itself (zlib, base64url): a block sent
-    back with its text omitted (``thinking.display``) still renders as it was
-    written, and the prompt's prefix stays the one cached."""
-    packed = base64.urlsafe_b64encode(zlib.compress(thinking.encode(), 9)).decode()
-    return SIGNATURE_PREFIX + packed
-
-
-def thinking_from_signature(signature):
-    """The thinking a signature of ours carries, or None."""
-    if not isinstance(signature, str) or not signature.startswith(SIGNATURE_PREFIX):
-        return None
-    try:
-        packed = base64.urlsafe_b64decode(signature[len(SIGNATURE_PREFIX):])
-        # Bounded: a forged signature must not inflate past the body limit.
-        text = zlib.decompressobj().decompress(packed, MAX_BODY_BYTES)
-        return text.decode()
-    except (ValueError, zlib.error, UnicodeDecodeError):
-        return None
 
 
 def coalesce(messages):
