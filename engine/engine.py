@@ -287,8 +287,7 @@ class Engine:
                 # Published when what it shows has changed (inline: this runs
                 # between every two steps).
                 running = self._runners.running
-                shown = (len(self._waiting), running, self._prompt_cache.stored)
-                if shown != self._published_key or (
+                if self._shown() != self._published_key or (
                         running and time.monotonic() - self._published_at
                         >= STATS_REFRESH_S):
                     self._publish()
@@ -304,11 +303,15 @@ class Engine:
 
     # Stats: published by this thread, read by any.
 
+    def _shown(self):
+        """What a snapshot shows that decides when to publish the next."""
+        return len(self._waiting), self._runners.running, self._prompt_cache.stored
+
     def _publish(self):
         import mlx.core as mx
 
         cache, running = self._prompt_cache, self._runners.running
-        self._published_key = (len(self._waiting), running, cache.stored)
+        self._published_key = self._shown()
         self._published_at = time.monotonic()
         # One reference swap: readers see this snapshot whole, or the last.
         self._stats = Stats(
@@ -400,7 +403,6 @@ class Engine:
         stored = self._prompt_cache.store(slot, cache, tokens)
         self._publish()
         slot.finish(*reason, stored)
-
 
 
 class Admission:
