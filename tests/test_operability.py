@@ -102,18 +102,22 @@ def test_metrics_from_the_real_engine(tiny_server):
     assert value(after, "pensieve_model_load_seconds") > 0
 
 
-def access_records(caplog):
-    return [r for r in caplog.records if r.name == "pensieve.access"]
+def access_records(caplog, *request_ids):
+    """The access records of these requests, in order: an earlier test's
+    server may still write its last record while this test runs."""
+    return [r for r in caplog.records
+            if r.name == "pensieve.access" and r.fields["request_id"] in request_ids]
 
 
 def test_one_access_record_per_request(scripted, caplog):
     srv = scripted(script)
     with caplog.at_level(logging.INFO, logger="pensieve.access"):
         reply = call(srv, "POST", "/v1/messages", body())
-        call(srv, "GET", "/v1/models", key="wrong")
+        wrong = call(srv, "GET", "/v1/models", key="wrong")
+        ids = reply.headers["request-id"], wrong.headers["request-id"]
         # Written once the answer is out: the client may read it first.
-        wait_until(lambda: len(access_records(caplog)) == 2)
-    done, refused = access_records(caplog)
+        wait_until(lambda: len(access_records(caplog, *ids)) == 2)
+    done, refused = access_records(caplog, *ids)
     assert done.fields == {
         "request_id": reply.headers["request-id"], "method": "POST", "path": "/v1/messages",
         "status": 200, "ms": done.fields["ms"], "model": "claude-test",
@@ -132,9 +136,10 @@ def test_a_client_that_leaves_is_logged_as_499(scripted, caplog):
     with caplog.at_level(logging.INFO, logger="pensieve.access"):
         with RawConnection(srv.port) as conn:
             conn.send(raw_request(payload=body(stream=True)))
-            conn.read_until(b'"text":"a"')
-        wait_until(lambda: access_records(caplog))
-    assert access_records(caplog)[0].fields["status"] == 499
+            head = conn.read_until(b'"text":"a"').decode()
+        request_id = re.search(r"request-id: (\S+)", head, re.IGNORECASE).group(1)
+        wait_until(lambda: access_records(caplog, request_id))
+    assert access_records(caplog, request_id)[0].fields["status"] == 499
     assert value(metrics(srv), "pensieve_requests_total", route="/v1/messages",
                  status="499") == 1
 
