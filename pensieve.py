@@ -22,6 +22,7 @@ Sections, each using only those above it:
   Responses and SSE       message bodies, events, Blocks (JSON and SSE alike)
   Metrics and access log  Prometheus counters, one log line per request
   HTTP transport          HttpConnection (bytes, via h11), Exchange (a request)
+  Request bodies          Bodies: the body budget, the parse worker process
   The API                 Models, Api (routes, auth, handlers, jobs), Answer
   The server              Server: listening, connection cap, shutdown
   Claude Code set-up      the CLI's environment and settings
@@ -38,13 +39,17 @@ import base64
 import contextlib
 import dataclasses
 import hmac
+import io
 import ipaddress
 import itertools
 import json
 import logging
 import os
+import pickle
+import re
 import secrets
 import signal
+import struct
 import sys
 import time
 import zlib
@@ -80,6 +85,10 @@ READ_CHUNK_BYTES = 64 * 1024
 # Requests allowed to wait for a place in the batch (of DEFAULT_MAX_RUNNING,
 # the engine's); more get a 529 at once.
 DEFAULT_MAX_WAITING = 16
+# count_tokens requests in flight; more get a 529 at once. Counts have their
+# own room (the engine tokenizes them on a thread of their own, and a 30 MB
+# count takes ~25 s there): they never take generation's places in line.
+MAX_COUNTING = 4
 # Seconds a client should wait before retrying a 529.
 RETRY_AFTER_S = 2
 # An idle keep-alive connection is closed after this long. Longer than the
@@ -98,9 +107,14 @@ BODY_TIMEOUT_S = 120
 # and ours full) loses the request: the engine job is cancelled, the socket
 # dropped. What waits in between is bounded by this time, not by the client.
 WRITE_TIMEOUT_S = 30
-# Open connections. At the cap, the longest-idle keep-alive connection is
-# closed to make room; when none is idle, new ones get a 503 and are closed.
+# Open connections. At the cap one is closed to make room (Server._make_room);
+# when every one is answering a request, new ones get a 503 and are closed.
 DEFAULT_MAX_CONNECTIONS = 256
+# Connections still owing a request head (new ones, trickling ones) may hold
+# this share of the cap when a newcomer needs room; past it the oldest is
+# answered 408 and closed first, so heads that never finish (slowloris)
+# cannot lock out the clients that send whole requests.
+UNFINISHED_HEAD_SHARE = 0.25
 # After SIGTERM/SIGINT (or stop()), running requests get this long to finish
 # before they are ended with an error event; a second signal ends them at once.
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30
@@ -114,6 +128,36 @@ MAX_STOP_SEQUENCE_CHARS = 1000
 # go about 10 deep); deeper trees would exhaust the recursion of json.dumps,
 # the chat template and the grammar compiler.
 MAX_JSON_DEPTH = 100
+# JSON values (containers, strings, numbers...) in one request body: Claude
+# Code's requests hold about 1.5k per 50 kB, so this is far beyond any real
+# one; it bounds everything downstream of the parse (unpickling the parse
+# worker's answer on the loop, ~0.45 s for 1M values here; the chat
+# template's json of tool inputs and schemas).
+MAX_JSON_VALUES = 1_000_000
+# A body whose cheap upper bound on its JSON values (json_values_bound) is
+# above this is parsed and translated in the parse worker, off the event
+# loop: parsing costs up to ~2-3 us a value here (1M one-word messages:
+# 8.4 s), so what stays inline stalls the loop for ~0.1 s at most. Claude Code's
+# requests (~1.5k values per 50 kB) stay inline.
+INLINE_PARSE_VALUES = 50_000
+# The parse worker may take this long for one body (the worst 32 MiB body
+# takes ~10 s here); past it the worker is killed and the request gets a 500.
+PARSE_TIMEOUT_S = 120
+# A parse worker whose peak memory passed this (a body of millions of small
+# values) exits after answering, so that memory goes back to the system; the
+# next large body starts a fresh one (~0.2 s).
+PARSE_WORKER_RETIRE_BYTES = 256 * 1024 * 1024
+# Bytes of request bodies being read or parsed at once, server-wide: a few
+# maximal bodies. Past it a new body waits up to BODY_WAIT_S for room (the
+# ones ahead take about a second to read and parse), then gets a 503.
+DEFAULT_BODY_MEMORY_BYTES = 4 * MAX_BODY_BYTES
+BODY_WAIT_S = 2
+# A chunked body's bytes are charged to that budget in steps of this much.
+BODY_CHARGE_STEP_BYTES = 1024 * 1024
+# Chunks in one chunked body. h11 spends ~5 us on each (a 1 MiB body sent a
+# byte at a time: ~5 s of CPU); this bounds what one body's framing costs, and
+# a 32 MiB body needs chunks of 32 bytes on average.
+MAX_BODY_CHUNKS = 1024 * 1024
 # After answering a request whose body was not read (a 401, a 413), read and
 # discard up to this much so the client sees the answer, not a reset.
 DRAIN_LIMIT_BYTES = 1024 * 1024
@@ -176,6 +220,9 @@ class Config:
     # Where imported models (a GGUF made MLX) are kept; None: the user's
     # cache directory (~/.cache/pensieve, ~/Library/Caches/pensieve).
     cache_dir: str | None = None
+    # Bytes of request bodies read or parsed at once, all connections
+    # together; past it new bodies wait briefly, then get a 503.
+    body_memory_bytes: int = DEFAULT_BODY_MEMORY_BYTES
 
 
 class ConfigError(ValueError):
@@ -201,6 +248,17 @@ def is_loopback(host):
 
 def check_config(config):
     """Refuse what would expose the server: raise ConfigError."""
+    if not config.api_key.strip():
+        # An empty x-api-key header would match it: no key at all.
+        raise ConfigError("refusing to start with an empty API key; set --api-key (or "
+                          "PENSIEVE_API_KEY) to a secret of your own")
+    if config.cors_origins and config.api_key == DEFAULT_API_KEY:
+        # A web page of an allowed origin could call the API with the key
+        # everyone knows: the browser sends it wherever the page says.
+        raise ConfigError(
+            f"refusing to allow browser origin {config.cors_origins[0]!r} with the "
+            "default API key, which every page there could send; set --api-key (or "
+            "PENSIEVE_API_KEY) to a secret of your own")
     if not is_loopback(config.host) and config.api_key == DEFAULT_API_KEY:
         raise ConfigError(
             f"refusing to listen on {config.host or 'all addresses'} with the default "
@@ -224,6 +282,8 @@ ERROR_TYPES = {
     405: "invalid_request_error",
     408: "invalid_request_error",
     413: "request_too_large",
+    # A size limit like 413 and 431: the request is too large in one part.
+    414: "request_too_large",
     415: "invalid_request_error",
     431: "request_too_large",
     500: "api_error",
@@ -244,6 +304,11 @@ class ApiError(Exception):
         self.message = message
         self.headers = tuple(headers)
         self.close = close
+
+    def __reduce__(self):
+        # Pickled by the parse worker: Exception's own reduce passes only
+        # the message to __init__.
+        return ApiError, (self.status, self.message, self.headers, self.close)
 
 
 def invalid(field, message):
@@ -316,6 +381,11 @@ TOOL_CHOICES = ("auto", "any", "tool", "none")
 # Claude Code's stand-in that keeps tool search on ("never call this tool"):
 # never rendered, never callable, even if referenced.
 PLACEHOLDER_TOOLS = {"DeferredToolPlaceholder"}
+# The API's rule for a tool's name (Claude Code's MCP tools pass:
+# mcp__server__tool). Calls and references name tools too, and a name is
+# rendered into the prompt, so they are held to it as well.
+TOOL_NAME_PATTERN = "^[a-zA-Z0-9_-]{1,128}$"
+TOOL_NAME = re.compile(TOOL_NAME_PATTERN[1:-1])
 THINKING_TYPES = ("enabled", "adaptive", "disabled")
 # The thinking kept in history when thinking is on and the request names no
 # clear_thinking edit: the API keeps the last assistant turn's only.
@@ -355,6 +425,14 @@ def _string(block, key, field):
     return value
 
 
+def _tool_name(block, key, field):
+    """A tool's name (a definition's, a call's, a reference's), as the API allows."""
+    name = _string(block, key, field)
+    if not TOOL_NAME.fullmatch(name):
+        raise invalid(f"{field}.{key}", f"String should match pattern '{TOOL_NAME_PATTERN}'")
+    return name
+
+
 def _block_kind(block, field):
     if not isinstance(block, dict) or not isinstance(block.get("type"), str):
         raise invalid(field, "Input should be a content block object with a 'type'")
@@ -388,7 +466,7 @@ def _tool_entry(tool, field):
     if not isinstance(tool.get("input_schema"), dict):
         raise invalid(f"{field}.input_schema", "Input should be an object")
     description = tool.get("description")
-    return Tool(tool["name"], tool["input_schema"],
+    return Tool(_tool_name(tool, "name", field), tool["input_schema"],
                 description if isinstance(description, str) else None)
 
 
@@ -517,7 +595,7 @@ class _Conversation:
             if kind == "text":
                 parts.append(_string(block, "text", f"{field}.{i}"))
             elif kind == "tool_reference":
-                name = _string(block, "tool_name", f"{field}.{i}")
+                name = _tool_name(block, "tool_name", f"{field}.{i}")
                 tool = self._load(name)
                 if tool is False:
                     parts.append(f"[tool {name} is not available]")
@@ -556,7 +634,7 @@ class _Conversation:
                 arguments = block.get("input", {})
                 if not isinstance(arguments, dict):
                     raise invalid(f"{where}.input", "Input should be an object")
-                call_id, name = _string(block, "id", where), _string(block, "name", where)
+                call_id, name = _string(block, "id", where), _tool_name(block, "name", where)
                 self.names[call_id] = name
                 calls.append((call_id, name, arguments))
             elif kind == "tool_result":
@@ -583,7 +661,7 @@ class _Conversation:
                     tool = _tool_entry(ref.get("definition"), f"{where}.tool.definition")
                     name = tool.name
                 elif ref.get("type") == "tool_reference":
-                    tool, name = None, _string(ref, "name", f"{where}.tool")
+                    tool, name = None, _tool_name(ref, "name", f"{where}.tool")
                 else:
                     continue  # MCP tools and toolsets: none are served here
                 if kind == "tool_removal":
@@ -653,23 +731,33 @@ def _no_constant(name):
 
 
 def _check_tree(value, escaped_surrogates):
-    """Refuse JSON nested deeper than MAX_JSON_DEPTH and, where the text had
-    \\uD800-style escapes, strings holding an unpaired surrogate (not text:
-    the tokenizer cannot encode them). Iterative, so depth costs no stack."""
+    """Refuse JSON nested deeper than MAX_JSON_DEPTH or holding more than
+    MAX_JSON_VALUES values and, where the text had \\uD800-style escapes,
+    strings holding an unpaired surrogate (not text: the tokenizer cannot
+    encode them). Iterative, so depth costs no stack; only containers are
+    stacked."""
+    if not isinstance(value, (dict, list)):
+        if escaped_surrogates and isinstance(value, str):
+            _check_text(value, None)
+        return
     stack = [(value, 1, None)]
+    values = 1
     while stack:
         item, depth, path = stack.pop()
-        if depth > MAX_JSON_DEPTH and isinstance(item, (dict, list)):
+        if depth > MAX_JSON_DEPTH:
             raise invalid(_path(path), f"nested deeper than {MAX_JSON_DEPTH} levels")
-        if isinstance(item, dict):
-            for key, child in item.items():
-                if escaped_surrogates:
-                    _check_text(key, (path, key))
+        values += len(item)  # counted before stacked: the stack stays bounded too
+        if values > MAX_JSON_VALUES:
+            raise invalid("", f"request body holds more than {MAX_JSON_VALUES} JSON "
+                              "values")
+        keyed = isinstance(item, dict)
+        for key, child in item.items() if keyed else enumerate(item):
+            if keyed and escaped_surrogates:
+                _check_text(key, (path, key))
+            if isinstance(child, (dict, list)):
                 stack.append((child, depth + 1, (path, key)))
-        elif isinstance(item, list):
-            stack.extend((child, depth + 1, (path, i)) for i, child in enumerate(item))
-        elif escaped_surrogates and isinstance(item, str):
-            _check_text(item, path)
+            elif escaped_surrogates and isinstance(child, str):
+                _check_text(child, (path, key))
 
 
 def _check_text(text, path):
@@ -687,6 +775,13 @@ def _path(path):
         path, key = path
         parts.append(str(key))
     return ".".join(reversed(parts))
+
+
+def json_values_bound(raw):
+    """An upper bound on the JSON values and keys in ``raw``, at C speed:
+    each but the first follows a comma, a colon or an opening bracket (those
+    inside strings only raise the bound)."""
+    return 1 + sum(raw.count(mark) for mark in (b",", b":", b"[", b"{"))
 
 
 def _json_object(raw):
@@ -1135,6 +1230,10 @@ METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 # A status for the access log and metrics when the client left before the
 # answer was complete (nginx's convention).
 CLIENT_GONE_STATUS = 499
+# Why a connection was answered and closed before a request of it was read
+# (Server._make_room): 503 at the cap with every connection busy, or 408 for
+# the oldest unfinished head.
+REFUSAL_REASONS = ("connection_cap", "unfinished_head")
 
 
 class Histogram:
@@ -1168,6 +1267,7 @@ class Metrics:
         self.ttft = Histogram(TTFT_BUCKETS_S)
         self.per_token = Histogram(TOKEN_BUCKETS_S)
         self.verdicts = {}  # (outcome, by) -> count: auto mode's tool-call checks
+        self.refused = dict.fromkeys(REFUSAL_REASONS, 0)  # connections, by reason
 
     def count_verdicts(self, counts):
         for key, n in counts.items():
@@ -1207,6 +1307,12 @@ class Metrics:
                "(rule, policy, default, model, client).",
                [f'pensieve_auto_mode_verdicts_total{{outcome="{o}",by="{b}"}} {n}'
                 for (o, b), n in sorted(self.verdicts.items())])
+        family("pensieve_connections_refused_total", "counter",
+               "Connections answered and closed before a request was read, by reason "
+               "(connection_cap: a 503, every connection busy; unfinished_head: a 408 "
+               "to the oldest of those still sending a request head).",
+               [f'pensieve_connections_refused_total{{reason="{r}"}} {n}'
+                for r, n in self.refused.items()])
         family("pensieve_time_to_first_token_seconds", "histogram",
                "From the request's arrival to its first generated content.",
                self.ttft.lines("pensieve_time_to_first_token_seconds"))
@@ -1247,6 +1353,9 @@ def log_access(exchange, ms):
     if exchange.model is not None:
         fields["model"] = exchange.model
         text += f" model={exchange.model}"
+    if exchange.refused is not None:  # a connection refused before its request
+        fields["refused"] = exchange.refused
+        text += f" refused={exchange.refused}"
     if exchange.request_class:
         fields["request_class"] = exchange.request_class[:32]
         text += f" class={fields['request_class']!r}"
@@ -1271,9 +1380,52 @@ def log_access(exchange, ms):
     access_log.info(text, extra={"fields": fields})
 
 
+# What log output never holds raw, since log text quotes clients (a model
+# name, a path, a key or block type in an error): C0 and C1 controls (line
+# breaks, ANSI escapes), U+2028/U+2029 (line breaks to JSON-lines readers and
+# editors) and the bidirectional overrides (which reorder what a terminal shows).
+_LOG_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e"
+                         r"\u2066-\u2069]")
+_LOG_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape_controls(text):
+    """``text`` with every unsafe character escaped (``\\n``, ``\\u001b``): one
+    line that paints nothing. Inside JSON text the escapes are JSON's own, so
+    the JSON still reads back as the original string."""
+    return _LOG_UNSAFE.sub(
+        lambda m: _LOG_ESCAPES.get(m.group(), f"\\u{ord(m.group()):04x}"), text)
+
+
+def _indented(text):
+    """A traceback under its log line: each line indented, so none can pass
+    for a record of its own."""
+    return "\n".join("    " + escape_controls(line) for line in text.split("\n"))
+
+
+class TextLogFormatter(logging.Formatter):
+    """``time level logger: message``, one line whatever the message quotes
+    (see escape_controls); a traceback follows, indented."""
+
+    def __init__(self):
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record):
+        # Formatter.format would reuse a traceback another handler cached raw.
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record)
+        lines = [escape_controls(self.formatMessage(record))]
+        if record.exc_info:
+            lines.append(_indented(self.formatException(record.exc_info)))
+        if record.stack_info:
+            lines.append(_indented(self.formatStack(record.stack_info)))
+        return "\n".join(lines)
+
+
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and any
-    ``fields`` the record carries (the access log's)."""
+    ``fields`` the record carries (the access log's); what ensure_ascii=False
+    leaves raw is escaped too (see escape_controls)."""
 
     def format(self, record):
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
@@ -1282,7 +1434,7 @@ class JsonLogFormatter(logging.Formatter):
                  "message": record.getMessage(), **getattr(record, "fields", {})}
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        return escape_controls(json.dumps(entry, ensure_ascii=False))
 
 
 # === HTTP transport: h11 over asyncio streams ==================================
@@ -1324,6 +1476,12 @@ class HttpConnection:
         # Waiting for the first byte of a request: closing now loses nothing.
         self.idle = False
         self.idle_since = time.monotonic()
+        # Since when the connection owes a request head: from its start, and
+        # from the first byte of each next one; None once a head is complete.
+        self.head_since = self.idle_since
+        # Set by the server (then it cancels the task) to make room: answer
+        # 408 and close (serve()).
+        self.dropped = False
         # Set by close_when_done(): answer with "connection: close", then stop.
         self.closing = False
 
@@ -1380,34 +1538,55 @@ class HttpConnection:
             self.conn.send_failed()
             raise ClientGone() from e
 
-    async def read_body(self, request):
-        """The whole request body, bounded by MAX_BODY_BYTES (b"" once read).
-        A malformed or late body is an ApiError (400, 408)."""
+    async def read_body(self, request, take=None):
+        """The whole request body, bounded by MAX_BODY_BYTES (b"" once read;
+        a bytearray, so 32 MiB are not copied once more). ``take(n)``
+        (awaited) charges n bytes to the server's budget before they are
+        buffered: a Content-Length at once, a chunked body in
+        BODY_CHARGE_STEP_BYTES steps. A malformed or late body is an
+        ApiError (400, 408, 413)."""
         if self.conn.their_state is not h11.SEND_BODY:
             return b""
         length = _header(request, b"content-length")
-        if length is not None and int(length.split(",")[0]) > MAX_BODY_BYTES:
+        length = None if length is None else int(length.split(",")[0])
+        if length is not None and length > MAX_BODY_BYTES:
             raise ApiError(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
-        chunks, size = [], 0
+        # One buffer, not a list of events: a body sent in 1-byte chunks
+        # would otherwise cost ~40 bytes of objects per byte.
+        body, chunks, charged = bytearray(), 0, 0
+        if take is not None and length:
+            await take(length)
+            charged = length
         deadline = time.monotonic() + BODY_TIMEOUT_S
         while True:
-            try:
-                event = await self.next_event(deadline=deadline)
-            except h11.RemoteProtocolError as e:  # a bad chunk size, say
-                raise _bad_request(e) from None
-            except asyncio.TimeoutError:
-                raise ApiError(408, f"request body not received in time (a pause over "
-                                    f"{READ_TIMEOUT_S} s, or over {BODY_TIMEOUT_S} s in "
-                                    "all)") from None
+            event = await self._body_event(deadline)
             if isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > MAX_BODY_BYTES:
+                body += event.data
+                chunks += 1
+                if len(body) > MAX_BODY_BYTES:
                     raise ApiError(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
-                chunks.append(event.data)
+                if chunks > MAX_BODY_CHUNKS:
+                    raise ApiError(400, f"request body sent in more than {MAX_BODY_CHUNKS}"
+                                        " chunks; send it in larger ones")
+                if take is not None and len(body) > charged:
+                    step = max(len(body) - charged, BODY_CHARGE_STEP_BYTES)
+                    await take(step)
+                    charged += step
             elif isinstance(event, h11.EndOfMessage):
-                return b"".join(chunks)
+                return body
             elif isinstance(event, h11.ConnectionClosed):
                 raise ClientGone()
+
+    async def _body_event(self, deadline):
+        """The next event of a request body; a bad or late one is an ApiError."""
+        try:
+            return await self.next_event(deadline=deadline)
+        except h11.RemoteProtocolError as e:  # a bad chunk size, say
+            raise _bad_request(e) from None
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"request body not received in time (a pause over "
+                                f"{READ_TIMEOUT_S} s, or over {BODY_TIMEOUT_S} s in "
+                                "all)") from None
 
     async def read_ahead(self):
         """Read ahead while a request is answered; True once the client hung up.
@@ -1440,9 +1619,14 @@ class HttpConnection:
                 try:
                     event = await self._next_request()
                 except h11.RemoteProtocolError as e:
-                    await self._refuse(_bad_request(e))
+                    await self._refuse(_bad_request(e, self.conn.trailing_data[0]))
                     return
                 except asyncio.TimeoutError:  # idle too long, or a trickled head
+                    return
+                except asyncio.CancelledError:
+                    if not self.dropped:
+                        raise
+                    await self._dropped()
                     return
                 if isinstance(event, h11.Request):
                     exchange = Exchange(self, event)
@@ -1468,12 +1652,25 @@ class HttpConnection:
         finally:
             self.writer.close()
 
-    async def refuse(self, error):
-        """Answer ``error`` without reading a request (the connection cap), then close."""
+    async def refuse(self, error, reason):
+        """Answer ``error`` without reading a request, then close; the app
+        counts and logs it under ``reason`` (of REFUSAL_REASONS)."""
+        exchange = Exchange(self)
         try:
-            await self._refuse(error, timeout=DRAIN_TIMEOUT_S)
+            await self._refuse(error, exchange, timeout=DRAIN_TIMEOUT_S)
         finally:
             self.writer.close()
+            self.app.refused(exchange, reason)
+
+    async def _dropped(self):
+        """The server dropped this connection, whose head was not complete,
+        to make room (its task was cancelled for it): say so, and close."""
+        task = asyncio.current_task()
+        if hasattr(task, "uncancel"):  # Python 3.11+: the cancel is handled
+            task.uncancel()
+        await self.refuse(ApiError(408, "request head not complete in time: the "
+                                        "connection was closed to make room for others"),
+                          "unfinished_head")
 
     async def _refuse(self, error, exchange=None, timeout=None):
         """Answer ``error`` (for ``exchange``, or for no readable request)
@@ -1495,7 +1692,11 @@ class HttpConnection:
             finally:
                 self.idle = False
             self.conn.receive_data(data)
-        return await self.next_event(deadline=time.monotonic() + HEAD_TIMEOUT_S)
+        if self.head_since is None:
+            self.head_since = time.monotonic()
+        event = await self.next_event(deadline=time.monotonic() + HEAD_TIMEOUT_S)
+        self.head_since = None
+        return event
 
     async def _drain(self):
         """Read and drop what the client is still sending, then let it go."""
@@ -1514,12 +1715,24 @@ class HttpConnection:
             return
 
 
-def _bad_request(error):
-    """The ApiError for a request h11 cannot parse."""
+def _bad_request(error, received=b""):
+    """The ApiError for a request h11 cannot parse (``received``: the head
+    so far, when known)."""
     status = error.error_status_hint
     if status == 431:  # h11's hint when the head outgrows MAX_HEAD_BYTES
-        return ApiError(status, f"request head exceeds {MAX_HEAD_BYTES} bytes")
+        line = received.find(b"\n")
+        return _head_too_large(len(received) if line < 0 else line, len(received))
     return ApiError(status, f"malformed HTTP request: {error}")
+
+
+def _head_too_large(target, size):
+    """The answer to a request head of ``size`` bytes, over MAX_HEAD_BYTES:
+    414 when its request line (``target`` bytes) is the bulk of it, a URL
+    too long, else 431 (its headers are)."""
+    if 2 * target > size:
+        return ApiError(414, f"request target (URL) too long: the request head "
+                             f"exceeds {MAX_HEAD_BYTES} bytes")
+    return ApiError(431, f"request head exceeds {MAX_HEAD_BYTES} bytes")
 
 
 class Exchange:
@@ -1543,6 +1756,7 @@ class Exchange:
         # What the access log and metrics report, filled in on the way.
         self.status = self.finished = self.ttft = self.model = None
         self.verdicts = self.check_ms = None
+        self.refused = None  # a REFUSAL_REASONS reason, for no request read
         # Claude Code's label (main, subagent, compaction, auxiliary, ...),
         # sent with CLAUDE_CODE_GATEWAY_HINT_HEADERS=1: for the access log.
         self.request_class = self.header(b"x-claude-code-request-class")
@@ -1553,9 +1767,11 @@ class Exchange:
     def check_framing(self):
         """Refuse a head h11 accepts but we do not trust."""
         # h11 bounds a head only while it is incomplete; one that arrives in
-        # a single read is measured here.
-        if sum(len(k) + len(v) for k, v in self.request.headers) > MAX_HEAD_BYTES:
-            raise ApiError(431, f"request head exceeds {MAX_HEAD_BYTES} bytes")
+        # a single read is measured here, its request target included.
+        target = len(self.request.target)
+        size = target + sum(len(k) + len(v) for k, v in self.request.headers)
+        if size > MAX_HEAD_BYTES:
+            raise _head_too_large(target, size)
         if self.header(b"transfer-encoding") is not None \
                 and self.header(b"content-length") is not None:
             # h11 lets Transfer-Encoding win; a proxy in front might not.
@@ -1566,8 +1782,8 @@ class Exchange:
     def has_body(self):
         return _has_body(self.request)
 
-    async def read_body(self):
-        return await self.connection.read_body(self.request)
+    async def read_body(self, take=None):
+        return await self.connection.read_body(self.request, take)
 
     async def client_left(self):
         """Returns True once the client hangs up (see HttpConnection.read_ahead)."""
@@ -1640,6 +1856,248 @@ def _host_name(value):
     if colon and not port.isdigit():
         return None
     return name.rstrip(".") or None
+
+
+# === Request bodies: a budget for them, a process to parse the large ones ======
+
+
+class BodyBudget:
+    """The bytes of request bodies being read or parsed, all connections
+    together (Config.body_memory_bytes): past it a body waits up to
+    BODY_WAIT_S for room, then is refused with a 503."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.used = 0
+        self._freed = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def held(self):
+        """Yields ``take(n)`` for one body; what it took is handed back on leaving."""
+        taken = 0
+
+        async def take(size):
+            nonlocal taken
+            await self._room_for(size, taken)
+            self.used += size
+            taken += size
+
+        try:
+            yield take
+        finally:
+            self.used -= taken
+            self._freed.set()
+
+    async def _room_for(self, size, own):
+        deadline = time.monotonic() + BODY_WAIT_S
+        # A body alone is let in whatever its size (MAX_BODY_BYTES bounds it).
+        while self.used > own and self.used + size > self.limit:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ApiError(503, f"request bodies in flight fill the server's "
+                                    f"{self.limit} bytes for them; retry shortly",
+                               [(b"retry-after", str(RETRY_AFTER_S).encode())])
+            self._freed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._freed.wait(), left)
+
+
+# What the parse worker may run, by name.
+WORKER_PARSERS = ("parse_messages_request", "parse_count_request")
+
+
+class _Answers(pickle.Unpickler):
+    """Reads the parse worker's answers: only the classes a parse returns,
+    this module's (named ``pensieve`` there, perhaps ``__main__`` here) and
+    the engine's."""
+
+    def find_class(self, module, name):
+        if module == "pensieve" and name in ("ApiError", "MessagesRequest"):
+            return globals()[name]
+        if module in ("engine.messages", "safeguards.check"):
+            found = super().find_class(module, name)
+            if isinstance(found, type):
+                return found
+        raise pickle.UnpicklingError(f"{module}.{name} is not a request type")
+
+
+class ParseWorker:
+    """A child process that parses large request bodies: their json.loads is
+    one C call that holds the GIL for seconds (a thread would not help), so
+    it runs there and the loop only waits on a pipe, then unpickles the
+    answer (MAX_JSON_VALUES bounds it).
+
+    Owns: the process, started on the first large body, replaced when it
+    died or retired, ended by close(); one parse at a time, so it takes a
+    core at most. The child is ``python -c`` importing this module afresh:
+    not multiprocessing's fork (this process has MLX threads) nor its spawn
+    (which re-imports an embedding application's __main__). What crosses:
+    length-prefixed pickles of our own objects, written by our own code.
+    """
+
+    def __init__(self):
+        self._proc = None
+        self._lock = asyncio.Lock()
+        self._closed = False  # by close(): no worker is started again
+
+    @property
+    def pid(self):
+        """The worker's process id, or None when none runs."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def busy(self):
+        """Whether a body is being parsed (or waits to be)."""
+        return self._lock.locked()
+
+    async def parse(self, parse, raw, args=()):
+        """``parse(raw, *args)``, run in the worker: its value, or its ApiError."""
+        async with self._lock:
+            ok, value, retire = await self._answer(parse.__name__, raw, args)
+            if retire:  # it exits after this answer: its memory goes back
+                proc, self._proc = self._proc, None
+                await _ended(proc)
+        if not ok:
+            raise value
+        return value
+
+    async def close(self):
+        """End the worker: its input closes, so it exits; killed if it lingers."""
+        proc, self._proc, self._closed = self._proc, None, True
+        if proc is None or proc.returncode is not None:
+            return
+        proc.stdin.close()
+        await _ended(proc)
+
+    async def _answer(self, name, raw, args):
+        for attempt in (1, 2):  # a worker found dead is replaced once
+            proc = await self._started()
+            try:
+                return await asyncio.wait_for(self._ask(proc, name, raw, args),
+                                              PARSE_TIMEOUT_S)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                self._kill(proc)
+                if attempt == 2:
+                    log.error("the parse worker died twice on one request body")
+                    raise ApiError(500, "internal error: the request parser stopped")
+            except asyncio.TimeoutError:
+                self._kill(proc)
+                raise ApiError(500, f"request body not parsed in {PARSE_TIMEOUT_S} s")
+            except BaseException:  # cancelled: its answer would come out of step
+                self._kill(proc)
+                raise
+
+    async def _started(self):
+        if self._closed:
+            raise ApiError(503, "the server is shutting down; retry shortly",
+                           [(b"retry-after", str(RETRY_AFTER_S).encode())])
+        if self._proc is None or self._proc.returncode is not None:
+            here = os.path.dirname(os.path.abspath(__file__))
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", f"import sys; sys.path.insert(0, {here!r}); "
+                f"import pensieve; pensieve.parse_worker({PARSE_WORKER_RETIRE_BYTES})",
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                limit=16 * READ_CHUNK_BYTES)
+        return self._proc
+
+    @staticmethod
+    async def _ask(proc, name, raw, args):
+        call = pickle.dumps((name, args))
+        proc.stdin.write(struct.pack("<QQ", len(call), len(raw)) + call)
+        # In slices, each drained: the pipe's buffer never holds a copy of it all.
+        with memoryview(raw) as view:
+            for start in range(0, len(view), BODY_CHARGE_STEP_BYTES):
+                proc.stdin.write(view[start:start + BODY_CHARGE_STEP_BYTES])
+                await proc.stdin.drain()
+        size, = struct.unpack("<Q", await proc.stdout.readexactly(8))
+        return _Answers(io.BytesIO(await proc.stdout.readexactly(size))).load()
+
+    def _kill(self, proc):
+        # The child watcher reaps it; nothing waits for that here.
+        if proc.returncode is None:
+            proc.kill()
+        if self._proc is proc:
+            self._proc = None
+
+
+async def _ended(proc):
+    """Wait for ``proc``, which is leaving, to exit; killed if it lingers."""
+    try:
+        await asyncio.wait_for(proc.wait(), DRAIN_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+
+
+def parse_worker(retire_bytes=PARSE_WORKER_RETIRE_BYTES):
+    """The parse worker's loop (the child ParseWorker starts): each request
+    on stdin is parsed, and its value or ApiError pickled to stdout, with
+    whether the worker now retires (its peak memory passed ``retire_bytes``);
+    EOF on stdin ends it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is the server's
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # nothing printed can corrupt the answers
+    while len(head := inp.read(16)) == 16:
+        call_size, raw_size = struct.unpack("<QQ", head)
+        name, args = pickle.loads(inp.read(call_size))
+        ok, value = _worker_parse(name, inp.read(raw_size), args)
+        retire = _peak_memory() > retire_bytes
+        answer = pickle.dumps((ok, value, retire), pickle.HIGHEST_PROTOCOL)
+        out.write(struct.pack("<Q", len(answer)) + answer)
+        out.flush()
+        if retire:
+            return
+
+
+def _worker_parse(name, raw, args):
+    """(True, parsed) or (False, ApiError), as the inline parse would end."""
+    if name not in WORKER_PARSERS:
+        return False, ApiError(500, f"internal error: no parser {name!r}")
+    try:
+        return True, globals()[name](raw, *args)
+    except ApiError as e:
+        return False, e
+    except Exception:
+        log.exception("parse worker: %s failed", name)
+        return False, ApiError(500, "internal error while parsing the request")
+
+
+def _peak_memory():
+    """This process's peak resident memory, in bytes."""
+    try:
+        # Linux: the peak since exec. getrusage's ru_maxrss would include
+        # the server's own memory, inherited at the fork before the exec.
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource  # POSIX; imported where the worker runs
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes; else KiB
+
+
+class Bodies:
+    """Request bodies, read and parsed: under the server's BodyBudget, and
+    those of many JSON values (json_values_bound) in the ParseWorker, so no
+    body stalls the loop for long (bench/bench_loop_stall.py)."""
+
+    def __init__(self, memory_bytes):
+        self.budget = BodyBudget(memory_bytes)
+        self.worker = ParseWorker()
+
+    async def parse(self, exchange, parse, *args):
+        """``parse(body, *args)`` of ``exchange``'s body: its value, or its ApiError."""
+        async with self.budget.held() as take:
+            raw = await exchange.read_body(take)
+            if json_values_bound(raw) <= INLINE_PARSE_VALUES:
+                return parse(raw, *args)
+            return await self.worker.parse(parse, raw, args)
+
+    async def close(self):
+        await self.worker.close()
 
 
 # === The API: routes, handlers, the engine jobs in flight =======================
@@ -1748,7 +2206,8 @@ class Api:
     Owns: the routes (the path alone decides; auth is declared per route
     and checked once, here), where requests may come from (Host, Origin),
     the handlers, the engine jobs in flight (``jobs``: task -> queue, for
-    admission, shutdown and cancellation), the metrics and access log.
+    admission, shutdown and cancellation), the request bodies in flight
+    (``bodies``: their budget, the parse worker), the metrics and access log.
     Never: touches sockets; answers through each Exchange.
     """
 
@@ -1758,6 +2217,8 @@ class Api:
         self.metrics = Metrics()
         self.check = Check(config.auto_mode_check, self._ask_model)
         self.jobs = {}  # asyncio task -> its engine job's queue
+        self.counting = 0  # of jobs, the count_tokens requests
+        self.bodies = Bodies(config.body_memory_bytes)
         self.started_at = time.time()
         self._hosts = {_bare_host(h) for h in (config.host, *config.allowed_hosts)}
         self._origins = {o.rstrip("/").lower() for o in config.cors_origins}
@@ -1845,6 +2306,13 @@ class Api:
         self.metrics.record(route, status, exchange.finished, exchange.ttft)
         log_access(exchange, (time.perf_counter() - exchange.started) * 1000)
 
+    def refused(self, exchange, reason):
+        """Count a connection answered without a request read (``exchange``:
+        that answer; ``reason``: of REFUSAL_REASONS) and write its access-log line."""
+        exchange.refused = reason
+        self.metrics.refused[reason] += 1
+        log_access(exchange, (time.perf_counter() - exchange.started) * 1000)
+
     # Handlers: one per route.
 
     async def root(self, exchange):
@@ -1898,23 +2366,31 @@ class Api:
 
     async def count_tokens(self, exchange):
         _json_content_type(exchange)
-        model, count = parse_count_request(await exchange.read_body())
+        model, count = await self.bodies.parse(exchange, parse_count_request)
         exchange.model = model
         engine = await self.models.get(model)
-        async with self._job(exchange, engine, count) as (counted, _):
-            await exchange.respond(200, {"input_tokens": counted.input_tokens})
+        if self.counting >= MAX_COUNTING:
+            raise ApiError(529, "the server is busy counting; retry shortly",
+                           [(b"retry-after", str(RETRY_AFTER_S).encode())])
+        self.counting += 1
+        try:
+            async with self._job(exchange, engine, count) as (counted, _):
+                await exchange.respond(200, {"input_tokens": counted.input_tokens})
+        finally:
+            self.counting -= 1
 
     async def messages(self, exchange):
         _json_content_type(exchange)
-        parsed = parse_messages_request(await exchange.read_body(),
-                                        self.config.default_temperature)
+        parsed = await self.bodies.parse(exchange, parse_messages_request,
+                                         self.config.default_temperature)
         exchange.model = parsed.model
         engine = await self.models.get(parsed.model)
         log.debug("%s tools: %s", exchange.request_id,
                   [t.name for t in parsed.generation.offered])
         # Room is a place in the batch or in the line behind it, counted
-        # here: the engine is not asked.
-        if len(self.jobs) >= self.config.max_running + self.config.max_waiting:
+        # here: the engine is not asked. Counts have their own (MAX_COUNTING).
+        generating = len(self.jobs) - self.counting
+        if generating >= self.config.max_running + self.config.max_waiting:
             raise ApiError(529, "the server is busy; retry shortly",
                            [(b"retry-after", str(RETRY_AFTER_S).encode())])
         async with self._job(exchange, engine, parsed.generation) as (accepted, queue):
@@ -2226,6 +2702,7 @@ class Server:
                 listener.close()
                 await self._shut_down()
         finally:
+            await self.api.bodies.close()  # no parse worker outlives the server
             # Joining the engine thread blocks: keep it off the event loop,
             # which may be an embedding application's.
             await self._loop.run_in_executor(None, self.models.engine.stop, 5)
@@ -2302,12 +2779,13 @@ class Server:
         task = asyncio.current_task()
         http = HttpConnection(self.api, reader, writer)
         if len(self._connections) >= self.config.max_connections:
-            self._close_an_idle_connection()
+            self._make_room()
         if len(self._connections) >= self.config.max_connections:
             await http.refuse(ApiError(
                 503, f"too many open connections (the limit is "
                      f"{self.config.max_connections}); retry shortly",
-                [(b"retry-after", str(RETRY_AFTER_S).encode())], close=True))
+                [(b"retry-after", str(RETRY_AFTER_S).encode())], close=True),
+                "connection_cap")
             return
         if self._draining:
             http.close_when_done()
@@ -2319,13 +2797,24 @@ class Server:
         finally:
             self._connections.pop(task, None)
 
-    def _close_an_idle_connection(self):
-        idle = [(http.idle_since, task) for task, http in self._connections.items()
-                if http.idle]
-        if idle:
-            _, task = min(idle, key=lambda pair: pair[0])
-            del self._connections[task]
-            task.cancel()
+    def _make_room(self):
+        """Close one connection for a newcomer at the cap: the oldest of those
+        owing a request head once they hold UNFINISHED_HEAD_SHARE of the cap,
+        else the longest-idle keep-alive one, else the oldest owing a head
+        (answered 408). None closed: every connection is answering a request."""
+        heads, idle = [], []
+        for task, http in self._connections.items():
+            if http.head_since is not None:
+                heads.append((http.head_since, task))
+            elif http.idle:
+                idle.append((http.idle_since, task))
+        budget = max(1, int(self.config.max_connections * UNFINISHED_HEAD_SHARE))
+        for group in ([heads, idle] if len(heads) >= budget else [idle, heads]):
+            if group:
+                _, task = min(group, key=lambda pair: pair[0])
+                self._connections.pop(task).dropped = group is heads
+                task.cancel()
+                return
 
 
 # === Claude Code set-up =======================================================
@@ -2666,6 +3155,10 @@ OPTIONS = (
     Option("--max-connections", "open connections; at the limit idle keep-alive ones "
            "are closed, then new ones refused with 503", str(DEFAULT_MAX_CONNECTIONS),
            _positive),
+    Option("--body-memory-mb", "request bodies being read or parsed at once, all "
+           "connections together; past it a new one waits briefly, then gets 503",
+           str(DEFAULT_BODY_MEMORY_BYTES // (1024 * 1024)), _positive,
+           field="body_memory_bytes", to_config=_mebibytes),
     Option("--shutdown-timeout", "seconds running requests get to finish after SIGTERM "
            "or SIGINT before they are ended (a second signal ends them at once)",
            str(DEFAULT_SHUTDOWN_TIMEOUT_S), _seconds),
@@ -2809,8 +3302,7 @@ def _command_args(parser, argv, args):
 
 def configure_logging(level, log_format="text"):
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonLogFormatter() if log_format == "json" else logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonLogFormatter() if log_format == "json" else TextLogFormatter())
     logging.basicConfig(level=level.upper(), handlers=[handler])
 
 

@@ -1,16 +1,19 @@
 """Pensieve's engine: everything that touches MLX, run on one thread.
 
-``Engine`` owns the thread; a ``GenerationRequest`` goes in and the frozen
+``Engine`` owns the thread (and the prompt threads that tokenize prompts
+and answer counts without MLX); a ``GenerationRequest`` goes in and the frozen
 messages ``Accepted``, then ``TextDelta``, ``ThinkingDelta`` and tool-call
 events (``ToolCallStart``, ``ToolInputDelta``, ``ToolCallEnd``), then
 ``Finished`` or ``Failed`` come out; a ``CountRequest`` gets ``Counted`` (or
 ``Failed``). Every type that crosses is defined in engine/messages.py and
 re-exported here. Importing this package does not import MLX.
 
-The modules: messages.py (the types that cross), engine.py (the thread,
-admission, scheduling, the prompt cache), runners.py (solo and batched
-runs: every model call), slot.py (a request's output pipeline, the model's
-output style), text.py (prompts, context edits, stop sequences), tools.py
+The modules: messages.py (the types that cross), prompts.py (the prompt
+threads: rendering, tokenizing, the window check, counts), engine.py (the
+thread, taking requests in, scheduling, the prompt cache), runners.py (solo
+and batched runs: every model call), slot.py (a request's output pipeline,
+the model's output style), text.py (prompts, context edits, untrusted text,
+stop sequences), tools.py
 (call formats, the output parser, grammars), grammar.py (llguidance),
 models.py (finding and loading models), attention.py, gguf.py, progress.py.
 """

@@ -1,11 +1,12 @@
 """The engine thread: the one place where MLX runs.
 
 Owns: the thread and the engine's public API (``Engine``: start, submit,
-stats, stop), loading the model, admission (``Admission``: the prompt
-rendered with the tokenizer's chat template after the request's context
-edits, the window check), the scheduler's policy (who waits, who runs solo
-or batched, within the KV budget), the prompt cache of finished requests' KV
-caches (``PromptCache``), and the ``Stats`` snapshot it publishes.
+stats, stop), loading the model, taking in the requests the prompt threads
+prepared (engine/prompts.py renders, tokenizes, checks the window and
+answers counts; here each becomes a Slot), the scheduler's policy (who
+waits, who runs solo or batched, within the KV budget), the prompt cache of
+finished requests' KV caches (``PromptCache``), and the ``Stats`` snapshot
+it publishes.
 
 Never: touches sockets or awaits anything, calls the model itself
 (engine/runners.py does), or lets another thread read its containers: it
@@ -16,13 +17,13 @@ of engine/messages.py, ``on_loaded`` once, and the published ``Stats``.
 Requests decode together in one batch; a request alone runs "solo" instead
 (engine/runners.py says why); the scheduler decides which, between two
 steps. Prompts are read a slice per step, so a long prompt slows the others'
-decoding but does not stop it. Finished requests leave their KV cache in an
+decoding but does not stop it; one longer than a chunk is read apart from
+the batch, and holds back while a shorter one starts (fair prefill). Finished requests leave their KV cache in an
 LRU store bounded in bytes; a new request starts from the longest stored
 prefix of its tokens. More requests than the batch holds, or than the KV
 budget holds, wait in line, visible through ``Engine.stats``.
 """
 
-import ctypes
 import dataclasses
 import itertools
 import logging
@@ -32,14 +33,12 @@ import time
 from collections import deque
 from typing import Callable
 
-from .grammar import GrammarError
-from .messages import (Accepted, ClearThinking, ClearToolUses, CountRequest, Counted,
-                       Failed, GenerationRequest, OnLoaded, Stats)
-from .models import DEFAULT_ROPE_SCALING, LoadedModel, ModelError, load, physical_memory
+from .messages import CountRequest, Failed, GenerationRequest, OnLoaded, Stats
+from .models import (DEFAULT_ROPE_SCALING, LoadedModel, ModelError, load,
+                     physical_memory, trim_heap)
+from .prompts import Admission, Prompts
 from .runners import Runners, State, warm_up
 from .slot import OutputStyle, Slot
-from .text import (PromptEncoder, RenderError, as_message, clear_thinking,
-                   clear_tool_uses, render_prompt, tool_uses)
 
 log = logging.getLogger("pensieve.engine")
 
@@ -50,6 +49,14 @@ log = logging.getLogger("pensieve.engine")
 # waits behind a long prompt.
 PREFILL_CHUNK_CPU = 256
 PREFILL_CHUNK_GPU = 2048
+# Fair prefill: a prompt longer than a chunk is read apart from the batch,
+# and while a request with a shorter prompt is starting (not yet at its first
+# token) it holds back, for at most this many steps in a row. A short request
+# arriving behind a full-window prompt then starts without waiting for any of
+# its chunks (read beside it, each of its steps would cost both prompts'
+# chunks, its rows padded to the long one's depth), and a stream of short
+# requests slows the long prompt to one chunk in K + 1 steps, never stops it.
+PREFILL_YIELD_STEPS = 6
 # Requests decoding together; more wait in line (the server bounds the line).
 DEFAULT_MAX_RUNNING = 32
 # Prompt cache: KV caches of finished requests, looked up by longest common
@@ -89,23 +96,6 @@ class Job:
         self.cancelled = True
 
 
-def _trim_heap():
-    """Hand the C heap's free pages back to the OS. glibc keeps them: after
-    freeing a large block it raises its mmap threshold (to 32 MiB), so later
-    work buffers come from the heap and stay in the RSS once freed."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL(None).malloc_trim  # glibc only
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim = None
-
-
 def _log_cancelled(slot):
     log.info("job %d cancelled after %d of %d prompt tokens, %d output tokens",
              slot.job.id, len(slot.prompt) - slot.unread, len(slot.prompt),
@@ -143,8 +133,10 @@ class Engine:
         self._cpu_weights = cpu_weights
         self._cache_bytes = cache_bytes
         self._max_running = max_running
-        self._inbox = thread_queue.SimpleQueue()
+        self._inbox = thread_queue.SimpleQueue()  # lists of Prepared, from the prompts
+        self._prompts = Prompts(hand_over=self._inbox.put)
         self._waiting = deque()  # Slots accepted, not yet running
+        self._held_back = 0  # steps in a row the prompt read aside has yielded
         self._runners = None  # made on the engine thread once loaded
         self._prompt_cache = None  # likewise
         self._thread = None
@@ -177,21 +169,23 @@ class Engine:
 
     def submit(self, request: GenerationRequest | CountRequest,
                deliver: Callable[[object], None]) -> Job:
-        """Queue ``request``; ``deliver(msg)`` is called on the engine thread."""
+        """Queue ``request``; ``deliver(msg)`` is called on the engine thread
+        or a prompt thread (engine/prompts.py), one at a time, in order."""
         job = Job(request, deliver)
-        self._inbox.put(job)
+        self._prompts.submit(job)
         return job
 
     def stop(self, timeout: float | None = None) -> None:
         self._stopping = True
+        self._prompts.stop(timeout)
         self._inbox.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
 
     def stats(self) -> Stats:
         """The snapshot the engine thread published last; ``waiting`` also
-        counts the jobs submitted and not yet taken in."""
-        stats, queued = self._stats, self._inbox.qsize()
+        counts the generation jobs submitted and not yet taken in."""
+        stats, queued = self._stats, self._prompts.pending
         return dataclasses.replace(stats, waiting=stats.waiting + queued) if queued else stats
 
     # The thread.
@@ -241,7 +235,8 @@ class Engine:
             else int(min(PROMPT_CACHE_MEMORY_SHARE * physical_memory(), 1 << 62)))
         self._kv_per_token = warm_up(model.model, model.tokenizer)
         self._size_kv()
-        self._admit = Admission(model, style, self._kv_per_token, self.slot_type)
+        self._style = style
+        self._prompts.start(lambda: Admission(model, style, self._kv_per_token))
         self._runners = Runners(model, self._prefill_chunk, self._max_running,
                                 ended=self._ended)
         self.info = model.info
@@ -278,7 +273,7 @@ class Engine:
                     # give them back, so an idle server's memory is the model
                     # and the prompt cache.
                     mx.clear_cache()
-                    _trim_heap()
+                    trim_heap()
                     worked = False
                     self._publish()
                 self._take_inbox(block=idle)
@@ -298,8 +293,23 @@ class Engine:
             self._runners.close()
 
     def _advance(self):
-        """One step of work: for the solo request, or for the batch."""
-        self._runners.step()
+        """One step of work: for the batch, and for the solo request unless
+        its prompt, read aside, holds back this step (``_aside_reads``)."""
+        self._runners.step(read_aside=self._aside_reads())
+
+    def _aside_reads(self):
+        """Fair prefill: whether the prompt read aside reads a chunk this step.
+        Not while a request with a shorter prompt is starting in the batch
+        (it goes first), for at most PREFILL_YIELD_STEPS steps in a row."""
+        aside = self._runners.reading_aside()
+        starting = aside is not None and any(
+            slot.output_tokens == 0 and slot.unread < aside.unread
+            for slot in self._runners.batch.slots())
+        if starting and self._held_back < PREFILL_YIELD_STEPS:
+            self._held_back += 1
+            return False
+        self._held_back = 0
+        return True
 
     # Stats: published by this thread, read by any.
 
@@ -328,21 +338,35 @@ class Engine:
     # Admission.
 
     def _take_inbox(self, block):
-        """Tokenize newly submitted requests and queue those that fit."""
+        """Take in the requests the prompt thread prepared: each is Accepted
+        and waits in line as a Slot."""
         while True:
             try:
-                job = self._inbox.get(block=block, timeout=IDLE_POLL_S if block else None)
+                ready = self._inbox.get(block=block, timeout=IDLE_POLL_S if block else None)
             except thread_queue.Empty:
                 return
-            if job is None or self._stopping:
+            if ready is None or self._stopping:
                 return
             block = False
-            if job.cancelled:
-                log.info("job %d cancelled while waiting", job.id)
-            else:
-                slot = self._admit(job)
-                if slot is not None:
-                    self._waiting.append(slot)
+            self._prompts.taken(len(ready))
+            for prepared in ready:
+                self._accept(prepared)
+
+    def _accept(self, prepared):
+        job = prepared.job
+        if job.cancelled:
+            log.info("job %d cancelled while waiting", job.id)
+            return
+        job.deliver(prepared.accepted)
+        try:
+            slot = self.slot_type(job, prepared.prompt, prepared.max_tokens,
+                                  prepared.parser, prepared.constraint, self._style,
+                                  kv_bytes=prepared.kv_bytes)
+        except Exception as e:  # a bug must fail this request, not the thread
+            log.exception("job %d: its slot could not be made", job.id)
+            job.deliver(Failed("internal", f"generation failed: {e}"))
+            return
+        self._waiting.append(slot)
 
     # The scheduler.
 
@@ -362,13 +386,20 @@ class Engine:
     def _schedule(self):
         """Decide who runs: a request alone runs solo; more than one share the
         batch, which takes waiting requests, in order, while it has room and
-        their KV cache fits beside the running ones'."""
+        their KV cache fits beside the running ones'. A prompt longer than a
+        chunk is read solo, apart from the batch, when that place is free
+        (fair prefill: see PREFILL_YIELD_STEPS); it joins the batch once read."""
         runners = self._runners
         runners.regroup(company=self._head_fits())
-        if len(self._waiting) == 1 and not runners.running:
-            self._start(self._waiting.popleft(), alone=True)
-        while self._waiting and runners.has_room() and self._head_fits():
-            self._start(self._waiting.popleft(), alone=False)
+        while self._waiting and self._head_fits():
+            head = self._waiting[0]
+            alone = len(self._waiting) == 1 and not runners.running
+            if (alone or head.unread > self._prefill_chunk) and runners.solo_has_room():
+                self._start(self._waiting.popleft(), alone=True)
+            elif runners.has_room():
+                self._start(self._waiting.popleft(), alone=False)
+            else:
+                break
 
     def _start(self, slot, alone):
         try:
@@ -403,100 +434,6 @@ class Engine:
         stored = self._prompt_cache.store(slot, cache, tokens)
         self._publish()
         slot.finish(*reason, stored)
-
-
-class Admission:
-    """Turns a submitted job into a Slot to run, or into its whole answer:
-    its prompt rendered after its context edits, the window check, its
-    output parser and grammar. What fails fails that request alone."""
-
-    def __init__(self, loaded, style, kv_per_token, slot_type):
-        self._tokenizer = loaded.tokenizer
-        self._window = loaded.context_window
-        self._style = style
-        self._kv_per_token = kv_per_token
-        self._slot_type = slot_type
-        self._encode = PromptEncoder(loaded.tokenizer)
-        if not self._encode.usable:
-            log.info("this tokenizer is not encoded piece by piece: each prompt is "
-                     "tokenized whole")
-            self._encode = None
-
-    def __call__(self, job):
-        """The job's Slot once Accepted is sent; None when it was answered
-        (Counted, or Failed)."""
-        started = time.perf_counter()
-        request = job.request
-        try:
-            thinking = self._style.thinking(request)
-            prompt, applied = self._render(request, thinking)
-        except RenderError as e:
-            job.deliver(Failed("invalid_request", str(e)))
-            return None
-        except Exception as e:  # a tokenizer bug must not end the engine thread
-            log.exception("rendering failed (job %d)", job.id)
-            job.deliver(Failed("internal", f"prompt rendering failed: {e}"))
-            return None
-        if isinstance(request, CountRequest):
-            # The same rendering generation uses, so the numbers agree; a
-            # count may exceed the window (clients count to decide to compact).
-            job.deliver(Counted(len(prompt)))
-            return None
-        # At least one token of room must be left for the answer.
-        if len(prompt) >= self._window:
-            job.deliver(Failed("invalid_request",
-                               f"prompt is too long: {len(prompt)} tokens > "
-                               f"{self._window - 1} maximum"))
-            return None
-        max_tokens = min(request.max_tokens, self._window - len(prompt))
-        try:
-            parser, constraint = self._style.output(request, prompt, thinking)
-        except GrammarError as e:
-            job.deliver(Failed("invalid_request", f"cannot constrain the answer: {e}"))
-            return None
-        except Exception as e:
-            log.exception("grammar set-up failed (job %d)", job.id)
-            job.deliver(Failed("internal", f"grammar set-up failed: {e}"))
-            return None
-        job.deliver(Accepted(len(prompt), max_tokens, constraint is not None, applied))
-        log.debug("job %d: %d prompt tokens, rendered, tokenized and constrained in "
-                  "%.1f ms", job.id, len(prompt), (time.perf_counter() - started) * 1000)
-        return self._slot_type(job, prompt, max_tokens, parser, constraint, self._style,
-                               kv_bytes=(len(prompt) + max_tokens) * self._kv_per_token)
-
-    def _render(self, request, thinking):
-        """The prompt tokens after the request's context edits, and the edits
-        that changed it (each with the tokens it freed)."""
-        def render(messages):
-            return render_prompt(self._tokenizer, messages, request.tools,
-                                 self._encode, thinking)
-
-        messages = request.messages
-        if request.context_edits:  # the edits read Messages
-            messages = tuple(as_message(m) for m in messages)
-        prompt, applied = render(messages), []
-        for edit in request.context_edits:
-            if isinstance(edit, ClearThinking):
-                edited, cleared = clear_thinking(messages, edit)
-            elif (edit.trigger_tokens is not None and len(prompt) > edit.trigger_tokens) \
-                    or (edit.trigger_uses is not None
-                        and tool_uses(messages) > edit.trigger_uses):
-                edited, cleared = clear_tool_uses(messages, edit)
-            else:
-                continue
-            if not cleared:
-                continue
-            shorter = render(edited)
-            freed = len(prompt) - len(shorter)
-            if isinstance(edit, ClearToolUses) and freed < edit.clear_at_least:
-                continue
-            messages, prompt = edited, shorter
-            if not getattr(edit, "implicit", False):
-                what = ("cleared_thinking_turns" if isinstance(edit, ClearThinking)
-                        else "cleared_tool_uses")
-                applied.append({"type": edit.type, what: cleared,
-                                "cleared_input_tokens": freed})
-        return prompt, tuple(applied)
 
 
 class PromptCache:

@@ -5,7 +5,10 @@ for reuse: Claude Code sends the same tools every turn), and ``Constraint``,
 the per-request logits processor that masks every token the grammar forbids.
 
 Never: decides what the grammar says (engine/tools.py does) or touches the
-server. Runs on the engine thread only, inside mlx-lm's generation loops.
+server. Grammars are compiled where a request is prepared (a prompt thread,
+engine/prompts.py) and ``Constraint`` runs on the engine thread, inside
+mlx-lm's generation loops; the store of compiled grammars, which both reach
+(a grammar that failed is dropped from it), is guarded by a lock.
 
 llguidance was chosen over xgrammar: it is one self-contained wheel with no
 dependencies (xgrammar requires torch, triton and transformers), its masks
@@ -14,17 +17,33 @@ embeds JSON schemas, which is what a tool call is. It is optional: without
 it the server runs unconstrained (``available()`` says so).
 """
 
-import logging
+import threading
 from collections import OrderedDict
-
-log = logging.getLogger("pensieve.engine")
 
 # Compiled grammars kept: one per distinct (tools, tool_choice, format).
 GRAMMAR_CACHE_ENTRIES = 16
+# llguidance's error texts end in a dump of its parser state and the whole
+# grammar (kilobytes, many lines); what reaches a client or the log is the
+# first line, cut to this.
+GRAMMAR_ERROR_CHARS = 200
 
 
 class GrammarError(ValueError):
     """A grammar (usually from a tool's input_schema) that cannot be compiled."""
+
+
+class GrammarFailed(GrammarError):
+    """A grammar that compiled, then failed while decoding: its request fails
+    (a client's error, the schema's: a 400 or the stream's error event)."""
+
+
+def short_error(text):
+    """The first line of an llguidance error, at most GRAMMAR_ERROR_CHARS."""
+    lines = (text or "").strip().splitlines()
+    line = lines[0].strip() if lines else "unknown grammar error"
+    if len(line) > GRAMMAR_ERROR_CHARS:
+        line = line[:GRAMMAR_ERROR_CHARS] + "..."
+    return line
 
 
 def available():
@@ -50,25 +69,38 @@ class Grammars:
             backend.to_str(), n_vocab=vocab_size,
             eos_token=sorted(tokenizer.eos_token_ids))
         self._compiled = OrderedDict()  # grammar text -> pristine matcher
+        self._lock = threading.Lock()  # over _compiled (not over compiling)
 
     def matcher(self, text):
         """A fresh matcher for the Lark grammar ``text``."""
-        pristine = self._compiled.get(text)
+        with self._lock:
+            pristine = self._compiled.get(text)
+            if pristine is not None:
+                self._compiled.move_to_end(text)
         if pristine is None:
-            LLMatcher = self._llg.LLMatcher
-            source = LLMatcher.grammar_from_lark(text)
-            error = LLMatcher.validate_grammar(source, self.tokenizer)
-            if error and not error.startswith("WARNING"):
-                raise GrammarError(error.strip().splitlines()[0])
-            pristine = LLMatcher(self.tokenizer, source, log_level=0)
-            if pristine.is_error():
-                raise GrammarError(pristine.get_error().strip().splitlines()[0])
-            self._compiled[text] = pristine
-            while len(self._compiled) > GRAMMAR_CACHE_ENTRIES:
-                self._compiled.popitem(last=False)
-        else:
-            self._compiled.move_to_end(text)
+            pristine = self._compile(text)
+            with self._lock:
+                self._compiled[text] = pristine
+                while len(self._compiled) > GRAMMAR_CACHE_ENTRIES:
+                    self._compiled.popitem(last=False)
         return pristine.deep_copy()
+
+    def forget(self, text):
+        """Drop the compiled ``text``: its matchers share their lexer's state,
+        and once one has failed on a limit of it, every copy fails at once."""
+        with self._lock:
+            self._compiled.pop(text, None)
+
+    def _compile(self, text):
+        LLMatcher = self._llg.LLMatcher
+        source = LLMatcher.grammar_from_lark(text)
+        error = LLMatcher.validate_grammar(source, self.tokenizer)
+        if error and not error.startswith("WARNING"):
+            raise GrammarError(short_error(error))
+        pristine = LLMatcher(self.tokenizer, source, log_level=0)
+        if pristine.is_error():
+            raise GrammarError(short_error(pristine.get_error()))
+        return pristine
 
 
 class Constraint:
@@ -79,17 +111,22 @@ class Constraint:
     ``tokens`` is the token just sampled, which the matcher consumes before
     the next mask. The first call is for the first token of the answer.
     ``arm_after``: token ids (a thinking block's end) before which nothing
-    is constrained.
+    is constrained. ``subjects``: the schemas the grammar holds to (tool
+    names, None for the answer's), for the error when it fails;
+    ``on_failure``: called once if it does.
     """
 
-    def __init__(self, matcher, vocab_size, arm_after=None):
+    def __init__(self, matcher, vocab_size, arm_after=None, subjects=(), on_failure=None):
         self.matcher = matcher
         self.vocab_size = vocab_size
         self.arm_after = tuple(arm_after) if arm_after else None
         self.armed = self.arm_after is None
         self.started = False  # the first mask has been made
         self.seen = 0  # generated tokens this constraint has been shown
+        self.subjects = tuple(subjects)
+        self._on_failure = on_failure
         self.broken = False
+        self.error = None  # why it broke: one short line
         self.sampled = None  # what the sampler drew last, not yet fed
         self._recent = []
 
@@ -149,6 +186,9 @@ class Constraint:
         words = np.frombuffer(bits, dtype=np.uint8)
         if words.min() == 0xFF and len(words) * 8 >= logits.shape[-1]:
             return logits  # free text: every token allowed, nothing to mask
+        if not words.any():  # (not even the end): sampling would be a guess
+            self._give_up("the grammar allows no next token")
+            return logits
         allowed = np.unpackbits(words, bitorder="little")
         width = logits.shape[-1]
         if len(allowed) < width:
@@ -156,9 +196,13 @@ class Constraint:
         allowed = mx.array(allowed[:width].astype(np.bool_))
         return mx.where(allowed, logits, mx.array(-float("inf"), dtype=logits.dtype))
 
-    def _give_up(self):
-        # Cannot happen with masked sampling; if it does, the answer goes on
-        # unconstrained and the parser copes with what comes.
-        log.warning("grammar matcher failed (%s); continuing unconstrained",
-                    self.matcher.get_error())
+    def _give_up(self, error=None):
+        """The grammar failed while decoding: llguidance hit one of its limits
+        (its parser's item count on a recursive schema, its lexer's budget on
+        a large regex). Nothing is masked from here on, and the request's
+        Slot fails it at its next token: going on unconstrained would answer
+        with JSON that breaks the schema. The Slot logs it, in one line."""
         self.broken = True
+        self.error = short_error(error or self.matcher.get_error())
+        if self._on_failure is not None:
+            self._on_failure()

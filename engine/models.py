@@ -394,6 +394,24 @@ def physical_memory():
         return float("inf")  # unknown: do not refuse the faster format
 
 
+def trim_heap():
+    """Hand the C heap's free pages back to the OS. glibc keeps them: after
+    freeing a large block it raises its mmap threshold (to 32 MiB), so later
+    work buffers come from the heap and stay in the RSS once freed. Any
+    thread may call it (ctypes lets go of the GIL for the call)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim  # glibc only
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
 def _load_hint(spec, error):
     text = " ".join(str(error).split()) or type(error).__name__  # one line
     if spec and not Path(spec).exists():

@@ -23,6 +23,7 @@ goes solo again (``Runners.regroup``), without losing or repeating a token.
 import logging
 from dataclasses import dataclass
 
+from .grammar import GrammarFailed
 from .progress import step as progress_step
 
 log = logging.getLogger("pensieve.engine")
@@ -103,8 +104,12 @@ class _Runner:
         self._ended(slot, reason, cache, tokens)
 
     def fail(self, slot, error):
-        """``slot`` alone fails: it is told why and leaves, its cache dropped."""
-        log.exception("job %d failed", slot.job.id, exc_info=error)
+        """``slot`` alone fails: it is told why and leaves, its cache dropped.
+        A grammar that failed is the request's doing: one line, no traceback."""
+        if isinstance(error, GrammarFailed):
+            log.warning("job %d failed: %s", slot.job.id, error)
+        else:
+            log.exception("job %d failed", slot.job.id, exc_info=error)
         slot.fail(error)
         if slot in self:
             self.remove(slot, keep=False)
@@ -127,6 +132,12 @@ class Solo(_Runner):
 
     def __contains__(self, slot):
         return slot is not None and slot is self.slot
+
+    @property
+    def reading(self):
+        """Whether its request is still reading its prompt (no token yet)."""
+        return (self.slot is not None and self._steps is None
+                and self._state.next_token is None)
 
     def slots(self):
         return () if self.slot is None else (self.slot,)
@@ -160,29 +171,32 @@ class Solo(_Runner):
         self.slot = self._state = None
         return slot, state
 
-    def step(self):
-        """One prefill slice or one decode step; a failure fails the request."""
+    def step(self, readers=1, running=1):
+        """One prefill slice (its share of a chunk: ``readers`` prompts are
+        read this step, of ``running`` requests) or one decode step; a
+        failure fails the request."""
         slot = self.slot
         try:
-            if self._state.next_token is None and self._steps is None:
-                self._read()
+            if self.reading:
+                self._read(prefill_slice(self._chunk, readers, running))
             else:
                 self._decode()
         except Exception as e:
             self.fail(slot, e)
 
-    def _read(self):
-        """Read a slice of the prompt; after its last token, the first token
-        of the answer is computed and delivered on its own, so it reaches the
-        client before the second starts computing (on a CPU that work takes
-        every core, and the event loop would otherwise wait for one)."""
+    def _read(self, size):
+        """Read ``size`` tokens of the prompt; after its last token, the first
+        token of the answer is computed and delivered on its own, so it
+        reaches the client before the second starts computing (on a CPU that
+        work takes every core, and the event loop would otherwise wait for
+        one)."""
         import mlx.core as mx
 
         slot, state = self.slot, self._state
         model, cache, rest = self._model, state.cache, state.rest
         with mx.stream(self._stream):
             if len(rest) > 1:  # the last token is read for the first token's logits
-                n = min(prefill_slice(self._chunk, 1, 1), len(rest) - 1)
+                n = min(size, len(rest) - 1)
                 chunk, state.rest = rest[:n], rest[n:]
                 model(mx.array(chunk)[None], cache=cache)
                 mx.eval([c.state for c in cache])
@@ -303,13 +317,17 @@ class Batch(_Runner):
         del self._running[uid]
         return slot, State(cache, list(tokens), [], token)
 
-    def step(self):
+    def readers(self):
+        """How many of its prompts are read in slices (a prompt's last token
+        is read by its first decode step: no slice)."""
+        return sum(1 for slot in self._running.values() if slot.unread > 1)
+
+    def step(self, readers, running):
         """One decode step for the batch and one prefill slice for the
-        prompts being read, then each request's new token to its Slot."""
-        # A prompt's last token is read by its first decode step: no slice.
-        reading = sum(1 for slot in self._running.values() if slot.unread > 1)
-        self._generator.prefill_step_size = prefill_slice(self._chunk, reading,
-                                                          len(self._running))
+        prompts being read (each its share of a chunk: ``readers`` prompts
+        are read this step, of ``running`` requests), then each request's new
+        token to its Slot."""
+        self._generator.prefill_step_size = prefill_slice(self._chunk, readers, running)
         try:
             progress, generated = self._generator.next()
         except Exception as e:
@@ -345,7 +363,8 @@ class Batch(_Runner):
 
 class Runners:
     """The solo runner and the batch behind one interface: at most one
-    request runs solo, and then the batch is empty.
+    request runs solo, and while it decodes the batch is empty; while it
+    reads its prompt, apart ("aside"), the batch runs beside it.
 
     ``ended(slot, (stop_reason, stop_sequence), cache, tokens)``: a request
     ended and left, with its KV cache to keep.
@@ -370,16 +389,27 @@ class Runners:
     @property
     def running(self):
         """How many requests run."""
-        return 1 if self.solo.slot is not None else len(self.batch._running)
+        return (self.solo.slot is not None) + len(self.batch._running)
 
     def has_room(self):
-        """Whether the batch takes another request now (not while one runs solo)."""
-        return self.solo.slot is None and len(self.batch._running) < self._max_running
+        """Whether the batch takes another request now (not while one decodes
+        solo, which first moves into the batch: see regroup)."""
+        if self.solo.slot is not None and not self.solo.reading:
+            return False
+        return self.running < self._max_running
+
+    def solo_has_room(self):
+        """Whether a request can start solo now (to read its prompt aside)."""
+        return self.solo.slot is None and self.running < self._max_running
+
+    def reading_aside(self):
+        """The Slot of the solo request while it reads its prompt, or None."""
+        return self.solo.slot if self.solo.reading else None
 
     def slots(self):
         """The running requests' Slots."""
         solo = self.solo.slot
-        return (solo,) if solo is not None else tuple(self.batch._running.values())
+        return ((solo,) if solo is not None else ()) + tuple(self.batch._running.values())
 
     def add(self, slot, state, alone):
         """Start ``slot`` from ``state``: solo if ``alone``, else in the batch."""
@@ -393,20 +423,27 @@ class Runners:
         """``slot`` alone fails, wherever it is (running or not yet)."""
         (self.batch if slot in self.batch else self.solo).fail(slot, error)
 
-    def step(self):
-        """One step of work: for the solo request, or for the batch."""
-        if self.solo.slot is not None:
-            self.solo.step()
-        elif self.batch._running:
-            self.batch.step()
+    def step(self, read_aside=True):
+        """One step of work: for the batch, and for the solo request (not if
+        it is reading its prompt aside and ``read_aside`` is False). The
+        prompts read this step share one chunk while others decode."""
+        solo = self.solo.slot is not None and (read_aside or not self.solo.reading)
+        readers = self.batch.readers() + (solo and self.solo.reading)
+        running = self.running
+        if self.batch._running:
+            self.batch.step(readers, running)
+        if solo:
+            self.solo.step(readers, running)
 
     def regroup(self, company):
-        """The hand-over: with ``company`` (a request that would join), the
-        solo request moves into the batch, where others can join it; without,
-        the last request left in the batch goes solo (decoding only; one still
-        reading its prompt stays). A move that fails fails its request."""
+        """The hand-over: with ``company`` (a request that would join) or a
+        batch running, the solo request moves into the batch once it decodes
+        (while it reads its prompt it stays aside); without either, the last
+        request left in the batch goes solo (decoding only; one still reading
+        its prompt stays). A move that fails fails its request."""
         if self.solo.slot is not None:
-            if company and self._max_running > 1:
+            if (company or self.batch._running) and not self.solo.reading \
+                    and self._max_running > 1:
                 self._guarded(self.solo.slot, self._to_batch)
         elif len(self.batch._running) == 1 and not company:
             (slot,) = self.batch._running.values()

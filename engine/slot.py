@@ -8,7 +8,8 @@ how this model writes tool calls and thinks, which gives each request its
 output parser and grammar constraint.
 
 Never: calls the model or decides who runs (engine/runners.py and
-engine/engine.py do). Runs on the engine thread; what it sends leaves only
+engine/engine.py do). Runs on the engine thread (``OutputStyle.output``,
+on the generation prompt thread, engine/prompts.py); what it sends leaves only
 through the job's ``deliver``, as engine/messages.py's frozen types.
 """
 
@@ -19,7 +20,8 @@ import time
 from . import grammar as grammars
 from .messages import Failed, Finished, GenerationRequest
 from .text import StopMatcher, template_takes_tools
-from .tools import FALLBACK_FORMAT, JSON_TOOLS_FORMAT, CallFormat, OutputParser, grammar
+from .tools import (FALLBACK_FORMAT, JSON_TOOLS_FORMAT, CallFormat, OutputParser, grammar,
+                    grammar_subjects)
 
 log = logging.getLogger("pensieve.engine")
 
@@ -72,7 +74,11 @@ class Slot:
 
     def deliver_token(self, token):
         """Count and deliver one generated token (its text, if any). Returns
-        (stop_reason, stop_sequence) if it ends the request, else None."""
+        (stop_reason, stop_sequence) if it ends the request, else None;
+        raises GrammarFailed once its grammar has failed (the token was
+        sampled unconstrained, so it is not delivered)."""
+        if self.constraint is not None and self.constraint.broken:
+            raise grammars.GrammarFailed(self._grammar_failure())
         self.output_tokens += 1
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
@@ -132,8 +138,24 @@ class Slot:
             cache_created_tokens=read if stored and self.job.request.cache_hint else 0))
 
     def fail(self, error):
-        """Send Failed for ``error`` (the caller logs it)."""
-        self.job.deliver(Failed("internal", f"generation failed: {error}"))
+        """Send Failed for ``error`` (the caller logs it): a grammar that
+        failed is the request's schema's fault, anything else is ours."""
+        if isinstance(error, grammars.GrammarFailed):
+            self.job.deliver(Failed("invalid_request", str(error)))
+        else:
+            self.job.deliver(Failed("internal", f"generation failed: {error}"))
+
+    def _grammar_failure(self):
+        """What failed, naming the schema: the call being written, else every
+        schema the grammar held to (its failure may come before a name)."""
+        constraint = self.constraint
+        calling = self.parser.calling
+        subjects = (calling,) if calling in constraint.subjects else constraint.subjects
+        named = " or ".join(f'the input_schema of tool "{s}"' if s is not None
+                            else "the answer's schema (output_config.format)"
+                            for s in subjects) or "the answer's grammar"
+        return (f"cannot constrain the answer: the grammar of {named} failed after "
+                f"{constraint.seen} tokens ({constraint.error}); simplify that schema")
 
 
 class OutputStyle:
@@ -206,14 +228,18 @@ class OutputStyle:
         offered = request.offered
         constraint = None
         if self._grammars is not None:
-            text = grammar(self.call_format, [(t.name, t.input_schema) for t in offered],
-                           request.tool_choice, request.answer_schema,
-                           request.parallel_calls, lead_space=may_think)
+            tools = [(t.name, t.input_schema) for t in offered]
+            text = grammar(self.call_format, tools, request.tool_choice,
+                           request.answer_schema, request.parallel_calls,
+                           lead_space=may_think)
             if text is not None:
                 # A thinking block comes first, unconstrained.
                 constraint = grammars.Constraint(
                     self._grammars.matcher(text), self.vocab_size,
-                    arm_after=self._think_end_tokens if may_think else None)
+                    arm_after=self._think_end_tokens if may_think else None,
+                    subjects=grammar_subjects(self.call_format, tools,
+                                              request.tool_choice, request.answer_schema),
+                    on_failure=functools.partial(self._grammars.forget, text))
         specs = [{"type": "function", "function": {
             "name": t.name, "parameters": t.input_schema}} for t in offered]
         parser = OutputParser(self.call_format, [t.name for t in offered],

@@ -2,15 +2,18 @@
 
 Owns: turning a conversation (``Message``s and ``Tool``s, engine/messages.py)
 into prompt tokens with the tokenizer's chat template, the context edits
-applied to it first (clearing old thinking and tool results), and the
-streaming stop-sequence matcher that holds back text which might be the
-start of a stop sequence.
+applied to it first (clearing old thinking and tool results), keeping the
+client's text text (``Shield``: a control token's spelling inside content
+never becomes the control token), and the streaming stop-sequence matcher
+that holds back text which might be the start of a stop sequence.
 
 Never: runs the model. Pure given a tokenizer, so tests drive it directly.
 """
 
 import dataclasses
 import json
+import re
+from collections import OrderedDict
 
 from .messages import Message
 from .tools import call_text
@@ -265,23 +268,159 @@ def render_text(tokenizer, messages, tools=(), thinking=None):
 
 def render_prompt(tokenizer, messages, tools=(), encode=None, thinking=None):
     """Render ``messages`` and tokenize the result (template adds BOS itself)
-    with ``encode`` (a PromptEncoder) or the tokenizer itself."""
-    text = render_text(tokenizer, messages, tools, thinking)
+    with ``encode`` (a PromptEncoder: the client's text shielded first, so
+    only the template makes control tokens) or the tokenizer itself."""
     if encode is not None:
-        return encode(text)
+        messages, tools = encode.shield(messages, tools)
+        return encode(render_text(tokenizer, messages, tools, thinking))
+    text = render_text(tokenizer, messages, tools, thinking)
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+# --- Untrusted text: what the client wrote stays text ----------------------------
+
+# Inside content, the spelling of one of the tokenizer's added tokens
+# (``<|im_start|>``) is written as ESCAPE and a code of its own before the
+# template renders it: characters of the Supplementary Private Use Area-A,
+# which no template alters, and which the encoder turns back into the
+# spelling once it has cut the rendered text at the template's own
+# spellings, then encodes as ordinary text. ESCAPE itself, where content
+# holds it, is doubled, so whatever a client writes reads back as itself.
+ESCAPE = "\U000f0000"
+# The fallback call format's markers (TOOLS_OUTRO, call_text) are plain text
+# to the model: inside content each is broken by a zero-width space after
+# its "<", so a tool result cannot close its <tool_response> early, a
+# description cannot close the <tools> block, and no content reads as a
+# <tool_call> in the prompt. (The model's answers are not changed: what it
+# writes is parsed as it writes it, engine/tools.py.)
+MARKERS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
+           "<tools>", "</tools>")
+MARKER_BREAK = "\u200b"
+
+
+class Shield:
+    """Writes the client's strings so that control-token spellings in them
+    cannot be told from text by the tokenizer, and reads them back.
+
+    ``text(s)``: ``s`` with MARKERS broken and ``spellings`` escaped;
+    ``restore(piece)``: a piece of rendered text with each escape turned
+    back into its spelling (``literal``) or, for a tokenizer that will see
+    the spelling (one encoded whole), into the spelling broken like MARKERS.
+    """
+
+    def __init__(self, spellings, literal=True):
+        spellings = sorted(spellings, key=len, reverse=True)  # longest first
+        codes = [chr(0xF0001 + i) for i in range(len(spellings))]
+        self._escapes = [(s, ESCAPE + c) for s, c in zip(spellings, codes)]
+        self._back = {c: s if literal else s[0] + MARKER_BREAK + s[1:]
+                      for s, c in zip(spellings, codes)}
+        self._back[ESCAPE] = ESCAPE
+        self._firsts = {s[0] for s in (*spellings, *MARKERS)} | {ESCAPE}
+        self._restore = re.compile(ESCAPE + "(.)", re.DOTALL)
+
+    def text(self, s):
+        # str.replace and `in` are C loops of ~15 ms on 30 MB, each letting
+        # other threads run between them; most text holds no first character.
+        if not any(c in s for c in self._firsts):
+            return s
+        for marker in MARKERS:
+            if marker in s:
+                s = s.replace(marker, marker[0] + MARKER_BREAK + marker[1:])
+        if ESCAPE in s:
+            s = s.replace(ESCAPE, ESCAPE + ESCAPE)
+        for spelling, escaped in self._escapes:
+            if spelling in s:
+                s = s.replace(spelling, escaped)
+        return s
+
+    def restore(self, piece):
+        if ESCAPE not in piece:
+            return piece
+        return self._restore.sub(lambda m: self._back.get(m.group(1), m.group(0)), piece)
+
+
+def _shielded(value, text):
+    """``value`` (JSON-like: str, dict, list, tuple) with ``text`` applied to
+    every string in it, keys included."""
+    if isinstance(value, str):
+        return text(value)
+    if isinstance(value, dict):
+        return {_shielded(k, text): _shielded(v, text) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_shielded(v, text) for v in value)
+    return value
+
+
+def shield_conversation(messages, tools, text):
+    """Messages and Tools with ``text`` (Shield.text) applied to every string
+    the client wrote: text, thinking, calls, ids, names, tool definitions.
+    Roles are the API's own words."""
+    def tool(t):
+        return dataclasses.replace(t, name=text(t.name),
+                                   input_schema=_shielded(t.input_schema, text),
+                                   description=_shielded(t.description, text))
+
+    out = []
+    for m in map(as_message, messages):
+        out.append(dataclasses.replace(
+            m, text=text(m.text), thinking=text(m.thinking),
+            calls=_shielded(m.calls, text), call_id=_shielded(m.call_id, text),
+            name=_shielded(m.name, text), tools=tuple(map(tool, m.tools)),
+            removed=_shielded(m.removed, text)))
+    return tuple(out), tuple(map(tool, tools))
+
+
+# A long piece of text is encoded in slices of about this many characters:
+# one tokenizer call then takes ~15 ms here, so a 30 MB user message is no
+# single call that holds the GIL for seconds (a plain encode does, measured:
+# 3.6 s for 3 MB; encode_batch lets go of it but for its result's list).
+SLICE_CHARS = 16384
+# Regex searches over long text run in windows of this many characters: one
+# search over 30 MB of "<" is one C call of 1.4 s that holds the GIL.
+SEARCH_WINDOW = 65536
+# Where a slice may end: before one space or newline between two non-space
+# characters, where a byte-level pre-tokenizer cuts anyway (checked on a
+# sample at load, PromptEncoder.sliced).
+_CUT = re.compile(r"(?<=\S)[ \n](?=\S)")
+
+
+class Cancelled(Exception):
+    """The request was cancelled while its prompt was being encoded."""
+
+
+def _text_tokenizer(tokenizer):
+    """A copy of the tokenizer's backend that knows none of its added tokens,
+    so it encodes their spellings as the ordinary text they are; or None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    spec = json.loads(backend.to_str())
+    spec["added_tokens"] = []
+    return Tokenizer.from_str(json.dumps(spec))
+
+
 class PromptEncoder:
-    """Tokenizes prompts piece by piece, remembering the pieces.
+    """Tokenizes rendered prompts piece by piece, remembering the pieces.
 
     A tokenizer cuts its added tokens (``<|im_start|>`` and the like) out of
     the text first and encodes the text between them on its own, so a
     prompt's tokens are its pieces' tokens in a row. Each turn of a chat
     repeats the last turn's pieces (for Claude Code, a system prompt with its
     tools of ~20k tokens, 80 ms to encode) and adds a few: only those are
-    encoded. ``usable`` is False when the tokenizer does not pass that check
-    on a sample; then each prompt is encoded whole.
+    encoded.
+
+    Only the template's own spellings are cut out as control tokens: the
+    client's strings are shielded first (``shield``, with Shield), and the
+    pieces between are encoded by a copy of the tokenizer without added
+    tokens, so a spelling in content comes back as its ordinary-text
+    tokens. Long pieces are encoded in slices (SLICE_CHARS). Checked on a
+    sample at load: ``usable`` (piece by piece equals the tokenizer's own
+    encoding, and no spelling encoded as text makes a control token);
+    ``sliced`` (slices equal the whole piece). When not usable each prompt
+    is encoded whole, the spellings in content broken by a zero-width space.
+    Not shared between threads: ``cancelled`` is the current call's.
     """
 
     SAMPLE = [("system", "Be brief.\n  Use tools: {\"a\": [1, 2]}\n"),
@@ -289,54 +428,125 @@ class PromptEncoder:
               ("assistant", "Sure -- 12,345.67 ü 😀"), ("user", "\nAnd again? ")]
 
     def __init__(self, tokenizer, max_chars=8_000_000):
-        import re
-        from collections import OrderedDict
-
         self._tokenizer = tokenizer
         added = getattr(tokenizer, "added_tokens_decoder", None) or {}
         self._ids = {t.content: i for i, t in added.items() if t.content}
-        self._split = (re.compile("(" + "|".join(
-            re.escape(t) for t in sorted(self._ids, key=len, reverse=True)) + ")")
+        self._split = (re.compile("|".join(
+            re.escape(t) for t in sorted(self._ids, key=len, reverse=True)))
             if self._ids else None)
+        self._longest = max(map(len, self._ids), default=0)
         self._pieces = OrderedDict()  # text -> token ids, least recent first
         self._chars = 0
         self._max_chars = max_chars
-        self.usable = False
+        self._slice = SLICE_CHARS
+        self.cancelled = None  # a callable: True ends the current call
+        self.shielding = Shield(self._ids)
+        self.sliced = False
         try:
-            sample = render_text(tokenizer, self.SAMPLE)
-            self.usable = (self._split is not None
-                           and self(sample) == self._whole(sample))
+            self._text = _text_tokenizer(tokenizer)
+            self.usable = True  # while the check calls itself
+            self.usable = self._check()
+            self.sliced = self.usable and self._check_slices()
         except Exception:  # a tokenizer without these attributes: encode whole
-            pass
+            self.usable, self._text = False, None
         self._pieces.clear()
         self._chars = 0
+        if not self.usable:
+            self.shielding = Shield(self._ids, literal=False)
 
-    def _whole(self, text):
+    def _check(self):
+        sample = render_text(self._tokenizer, self.SAMPLE)
+        if self._split is None or self._text is None:
+            return False
+        controls = set(self._ids.values())
+        return self(sample) == self._reference(sample) and not any(
+            controls & set(self._text.encode(s, add_special_tokens=False).ids)
+            for s in self._ids)
+
+    def _check_slices(self):
+        probe = "".join(text for _, text in self.SAMPLE) * 3
+        whole = self._text.encode(probe, add_special_tokens=False).ids
+        self._slice, self.sliced = 8, True  # cut the probe wherever it may be cut
+        try:
+            return self._whole(probe) == whole
+        finally:
+            self._slice = SLICE_CHARS
+
+    def shield(self, messages, tools=()):
+        """``messages`` and ``tools`` with the client's strings shielded."""
+        return shield_conversation(messages, tools, self.shielding.text)
+
+    def _reference(self, text):
         return self._tokenizer.encode(text, add_special_tokens=False)
 
     def __call__(self, text):
-        if self._split is None:
-            return self._whole(text)
+        if not self.usable:
+            return self._reference(self.shielding.restore(text))
         ids = []
-        for i, part in enumerate(self._split.split(text)):
-            if i % 2:
+        for special, part in self._parts(text):
+            if special:
                 ids.append(self._ids[part])
             elif part:
                 ids += self._piece(part)
         return ids
+
+    def _parts(self, text):
+        """(is a control token, text) in order: the template's spellings and
+        the text between them, searched window by window."""
+        n, pos, last = len(text), 0, 0
+        while pos < n:
+            end = min(n, pos + SEARCH_WINDOW)
+            m = self._split.search(text, pos, min(n, end + self._longest))
+            if m is None or m.start() >= end:
+                pos = end
+                continue
+            yield False, text[last:m.start()]
+            yield True, m.group()
+            last = pos = m.end()
+        yield False, text[last:]
 
     def _piece(self, text):
         ids = self._pieces.get(text)
         if ids is not None:
             self._pieces.move_to_end(text)
             return ids
-        ids = self._whole(text)
+        ids = self._whole(self.shielding.restore(text))
+        if len(text) > self._max_chars // 2:
+            return ids  # would push out everything remembered
         self._pieces[text] = ids
         self._chars += len(text)
         while self._chars > self._max_chars:
             old, _ = self._pieces.popitem(last=False)
             self._chars -= len(old)
         return ids
+
+    def _whole(self, text):
+        """A piece of ordinary text (no added token is recognised in it) as
+        tokens, slice by slice when it is long and that was checked."""
+        if not self.sliced or len(text) <= self._slice:
+            return self._text.encode(text, add_special_tokens=False).ids
+        ids = []
+        for part in self._slices(text):
+            if self.cancelled is not None and self.cancelled():
+                raise Cancelled()
+            # encode_batch releases the GIL while it works (encode does not).
+            ids += self._text.encode_batch([part], add_special_tokens=False)[0].ids
+        return ids
+
+    def _slices(self, text):
+        """``text`` cut into slices of about ``self._slice`` characters, each
+        cut where _CUT allows (a text without such a place stays whole)."""
+        size, n, start = self._slice, len(text), 0
+        while n - start > size:
+            cut, lo = None, start + size
+            while cut is None and lo < n:
+                cut = _CUT.search(text, lo, min(n, lo + max(size, SEARCH_WINDOW)))
+                lo += max(size, SEARCH_WINDOW)
+            if cut is None:
+                break
+            yield text[start:cut.start()]
+            start = cut.start()
+        yield text[start:]
 
 
 class StopMatcher:

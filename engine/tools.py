@@ -197,6 +197,11 @@ class OutputParser:
     def in_call(self):
         return self.state in ("head", "args", "tail", "whole")
 
+    @property
+    def calling(self):
+        """The name of the call whose arguments are being written, or None."""
+        return self.name if self.state in ("args", "tail") else None
+
     # States.
 
     def _think(self, events):
@@ -379,6 +384,29 @@ def _regex_escape(text):
     return "".join("\\" + c if c in "\\.+*?()|[]{}^$#&-~/" else c for c in text)
 
 
+def _constrained(fmt, tools, choice):
+    """The (name, schema) of the tools a grammar holds calls to, and the
+    choice among them: auto, any or none."""
+    if not fmt.json_body:
+        tools = ()  # calls in other formats are parsed, not constrained
+    if choice not in ("auto", "any", "none"):
+        tools = [(n, s) for n, s in tools if n == choice]
+        choice = "any"
+    if choice == "none":
+        tools = ()
+    return list(tools), choice
+
+
+def grammar_subjects(fmt, tools, choice="auto", answer_schema=None):
+    """The schemas ``grammar`` holds an answer to, given the same arguments:
+    the names of the tools, then None for the answer's schema if used."""
+    tools, choice = _constrained(fmt, tools, choice)
+    subjects = [name for name, _ in tools]
+    if answer_schema is not None and not (tools and choice == "any"):
+        subjects.append(None)
+    return tuple(subjects)
+
+
 def grammar(fmt, tools, choice="auto", answer_schema=None, parallel=True,
             lead_space=False):
     """The Lark grammar of a whole answer, or None when nothing is constrained.
@@ -388,13 +416,7 @@ def grammar(fmt, tools, choice="auto", answer_schema=None, parallel=True,
     follow; ``parallel``: several calls allowed in one answer.
     ``lead_space``: allow a little whitespace first (after a thinking block).
     """
-    if not fmt.json_body:
-        tools = ()  # calls in other formats are parsed, not constrained
-    if choice not in ("auto", "any", "none"):
-        tools = [(n, s) for n, s in tools if n == choice]
-        choice = "any"
-    if choice == "none":
-        tools = ()
+    tools, choice = _constrained(fmt, tools, choice)
     if not tools and answer_schema is None:
         return None
     lines = ["%llguidance {}"]

@@ -59,6 +59,19 @@ def tiny_model_dir(smollm_dir, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model_dir):
+    """The real engine on the tiny random model, without a server; one per
+    module, so a module's tests may leave it in any state they like."""
+    from engine import Engine
+
+    eng = Engine(str(tiny_model_dir), cpu_weights="stored")
+    eng.start()
+    eng.wait_loaded(120)
+    yield eng
+    eng.stop(10)
+
+
 # --- Servers ------------------------------------------------------------------
 
 

@@ -18,12 +18,8 @@ TIMEOUT = 60  # a hang guard, not a timing assertion
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    eng = Engine(str(tiny_model_dir), cpu_weights="stored")
-    eng.start()
-    eng.wait_loaded(120)
-    yield eng
-    eng.stop(10)
+def engine(tiny_engine):
+    return tiny_engine
 
 
 def run(engine, request):
@@ -280,12 +276,12 @@ def test_top_k_beyond_vocabulary_means_no_limit(engine):
 
 
 def test_internal_error_fails_one_request_and_engine_keeps_serving(engine, monkeypatch):
-    import engine.engine as engine_module
+    import engine.prompts as prompts_module
 
     def broken(*args):
         raise RuntimeError("tokenizer exploded")
 
-    monkeypatch.setattr(engine_module, "render_prompt", broken)
+    monkeypatch.setattr(prompts_module, "render_prompt", broken)
     _, msgs = run(engine, greedy())
     assert msgs == [Failed("internal", "prompt rendering failed: tokenizer exploded")]
     monkeypatch.undo()

@@ -184,9 +184,10 @@ def test_at_the_connection_cap_the_longest_idle_connection_makes_room(scripted):
 def test_at_the_connection_cap_with_nothing_idle_new_clients_get_503(scripted):
     srv = scripted(max_connections=2)
     stalled = [RawConnection(srv.port) for _ in range(2)]
-    for conn in stalled:  # half a head each: busy, not idle
-        conn.send(b"GET /health HTTP/1.1\r\n")
-    wait_until(lambda: len(srv.server._connections) == 2)
+    for conn in stalled:  # a whole head, its body still due: busy, not idle
+        conn.send(raw_request(payload=b"{}")[:-2])
+    wait_until(lambda: len(srv.server._connections) == 2 and all(
+        http.head_since is None for http in srv.server._connections.values()))
     reply = call(srv, "GET", "/health")
     assert_error(reply, 503, "overloaded_error")
     assert reply.headers["connection"] == "close"
@@ -461,8 +462,8 @@ def test_a_foreign_browser_origin_is_403(srv, method, path, payload):
 
 
 def test_an_allowed_origin_gets_cors_and_a_preflight(scripted):
-    origin = "https://app.example"
-    srv = scripted(cors_origins=(origin,))
+    origin, key = "https://app.example", "a-secret-of-my-own"  # not the public default
+    srv = scripted(cors_origins=(origin,), api_key=key)
     pre = call(srv, "OPTIONS", "/v1/messages", key=None, headers={
         "Origin": origin, "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "x-api-key, content-type, anthropic-version"})
@@ -470,10 +471,10 @@ def test_an_allowed_origin_gets_cors_and_a_preflight(scripted):
     assert pre.headers["access-control-allow-origin"] == origin
     assert pre.headers["access-control-allow-methods"] == "POST"
     assert "x-api-key" in pre.headers["access-control-allow-headers"]
-    reply = call(srv, "POST", "/v1/messages", body(), headers={"Origin": origin})
+    reply = call(srv, "POST", "/v1/messages", body(), key=key, headers={"Origin": origin})
     assert reply.status == 200
     assert reply.headers["access-control-allow-origin"] == origin
-    assert call(srv, "POST", "/v1/messages", body(),
+    assert call(srv, "POST", "/v1/messages", body(), key=key,
                 headers={"Origin": "https://other.example"}).status == 403
 
 
