@@ -18,10 +18,11 @@ Requests decode together in one batch; a request alone runs "solo" instead
 (engine/runners.py says why); the scheduler decides which, between two
 steps. Prompts are read a slice per step, so a long prompt slows the others'
 decoding but does not stop it; one longer than a chunk is read apart from
-the batch, and holds back while a shorter one starts (fair prefill). Finished requests leave their KV cache in an
-LRU store bounded in bytes; a new request starts from the longest stored
-prefix of its tokens. More requests than the batch holds, or than the KV
-budget holds, wait in line, visible through ``Engine.stats``.
+the batch, and holds back while a shorter one starts (fair prefill).
+Finished requests leave their KV cache in an LRU store bounded in bytes; a
+new request starts from the longest stored prefix of its tokens. More
+requests than the batch holds, or than the KV budget holds, wait in line,
+visible through ``Engine.stats``.
 """
 
 import dataclasses
